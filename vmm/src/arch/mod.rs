@@ -1,0 +1,3 @@
+//! Architecture support. Keystone runs x86_64 guests only.
+
+pub mod x86_64;

@@ -1,0 +1,134 @@
+//! The boot recipe, in order: host check, VM, memory, kernel, boot
+//! structures, devices, vCPUs. [`build`] returns a VM ready to run.
+
+use std::sync::mpsc::Sender;
+
+use keystone_devices::boot_timer::{BootTime, Timestamp};
+use vm_memory::GuestMemoryMmap;
+
+use crate::arch::x86_64::bootparams::{
+    build_boot_params, write_boot_params, BootInfo, BootParamsError,
+};
+use crate::arch::x86_64::cpuid::CpuidOptions;
+use crate::arch::x86_64::layout::CMDLINE_ADDR;
+use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
+use crate::arch::x86_64::regs::{setup_page_tables, RegsError};
+use crate::config::VmConfig;
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::host::KvmFlavor;
+use crate::loader::{load_initrd, load_kernel, write_cmdline, LoaderError};
+use crate::memory::{create_guest_memory, MemoryError};
+use crate::vcpu::{Vcpu, VcpuError};
+use crate::vm::{Vm, VmError};
+
+/// Errors building the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// KVM setup.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel, initrd or command line.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// Zero page.
+    #[error(transparent)]
+    BootParams(#[from] BootParamsError),
+    /// MP table.
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    /// Page tables, GDT.
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    /// Devices.
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    /// vCPUs.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+/// A VM ready to run. Field order is drop order: vCPUs and the VM go before
+/// the guest memory they map.
+pub struct BuiltVm {
+    /// vCPUs, configured, not running.
+    pub vcpus: Vec<Vcpu>,
+    /// Devices and buses.
+    pub devices: DeviceManager,
+    /// The KVM VM.
+    pub vm: Vm,
+    /// Guest RAM.
+    pub mem: GuestMemoryMmap,
+    /// What kind of KVM this host has.
+    pub flavor: KvmFlavor,
+}
+
+/// The warning printed on PVM hosts.
+pub const PVM_WARNING: &str =
+    "this host's KVM is PVM (kvm_pvm): an unmodified Linux kernel will not boot here; \
+     the probe guest and the PVM test kernel do";
+
+/// Build the VM described by `config`.
+pub fn build(
+    config: &VmConfig,
+    start: Timestamp,
+    boot_time_tx: Option<Sender<BootTime>>,
+) -> Result<BuiltVm, BuildError> {
+    let flavor = KvmFlavor::detect();
+    if flavor == KvmFlavor::Pvm {
+        tracing::warn!("{PVM_WARNING}");
+    }
+
+    let vm = Vm::new()?;
+
+    let mem_size = config.memory_mib << 20;
+    let mem = create_guest_memory(mem_size)?;
+    vm.register_memory(&mem)?;
+
+    let kernel = load_kernel(&mem, &config.kernel, config.kernel_format)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(&mem, path, kernel.end)?),
+        None => None,
+    };
+    let cmdline_size = write_cmdline(&mem, &config.cmdline)?;
+    let params = build_boot_params(
+        mem_size,
+        &BootInfo {
+            setup_header: kernel.setup_header,
+            cmdline_addr: CMDLINE_ADDR,
+            cmdline_size,
+            initrd,
+        },
+    )?;
+    write_boot_params(&mem, &params)?;
+    setup_mptable(&mem, config.vcpus)?;
+    setup_page_tables(&mem)?;
+
+    let devices = DeviceManager::new(&vm, &config.serial, config.boot_timer, start, boot_time_tx)?;
+
+    let opts = CpuidOptions {
+        no_nested: config.no_nested,
+    };
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        let mut vcpu = Vcpu::new(&vm, id, devices.pio.clone(), devices.mmio.clone())?;
+        vcpu.configure(&vm, &mem, kernel.entry, config.vcpus, opts)?;
+        vcpus.push(vcpu);
+    }
+    tracing::info!(
+        "VM ready: {} MiB, {} vCPU(s) configured, entry {:#x}",
+        config.memory_mib,
+        config.vcpus,
+        kernel.entry
+    );
+
+    Ok(BuiltVm {
+        vcpus,
+        devices,
+        vm,
+        mem,
+        flavor,
+    })
+}

@@ -1,0 +1,62 @@
+//! `keystone-vmm`: boot a kernel in a KVM microVM.
+//!
+//! Exit codes: 0 the guest reset or powered off, or SIGTERM/SIGINT stopped
+//! the VM; 1 the guest failed (triple fault, KVM internal error) or the VMM
+//! could not run it; 2 bad arguments.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use keystone_devices::boot_timer::Timestamp;
+use keystone_vmm::{host, Cli, VmConfig};
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("keystone-vmm: error: {msg}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    // First thing: the boot timer measures from here.
+    let start = Timestamp::now();
+
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: clap's first line, without its "error: " prefix.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            return fail(2, first.trim_start_matches("error: "));
+        }
+    };
+    let config = match VmConfig::from_cli(&cli, host::host_mem_mib()) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    let level =
+        keystone_vmm::config::check_log_level(&cli.log_level).unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .init();
+
+    match keystone_vmm::run(&config, start, None) {
+        Ok(exit) => {
+            let code = exit.exit_code();
+            match &exit {
+                keystone_vmm::VmExit::GuestError(msg) => return fail(1, msg),
+                other => tracing::info!("VM stopped: {other:?}"),
+            }
+            ExitCode::from(code as u8)
+        }
+        Err(e) => fail(1, e),
+    }
+}

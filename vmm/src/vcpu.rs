@@ -1,0 +1,298 @@
+//! vCPUs: configured from the VMM thread, then each runs `KVM_RUN` on its
+//! own thread, routing port I/O and MMIO exits to the buses, until the guest
+//! resets, fails, or the VMM asks it to stop.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use keystone_devices::Bus;
+use kvm_bindings::{
+    kvm_cpuid_entry2, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::cpuid::{filter_cpuid, CpuidOptions};
+use crate::arch::x86_64::{msr, regs};
+use crate::vm::Vm;
+
+/// Errors configuring or running a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM vCPU ioctl failed.
+    #[error("vCPU {id}: KVM {what} failed: {source}")]
+    Ioctl {
+        /// vCPU index.
+        id: u8,
+        /// Which call.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Writing boot structures failed.
+    #[error("vCPU {id}: {source}")]
+    Regs {
+        /// vCPU index.
+        id: u8,
+        /// What failed.
+        source: regs::RegsError,
+    },
+    /// The guest triple-faulted.
+    #[error("vCPU {0}: the guest triple-faulted (KVM_EXIT_SHUTDOWN)")]
+    TripleFault(u8),
+    /// KVM could not emulate an instruction or similar.
+    #[error("vCPU {id}: KVM internal error (KVM_EXIT_INTERNAL_ERROR) at rip {rip:#x}; on a PVM host this is usually an instruction KVM cannot emulate in guest kernel mode")]
+    InternalError {
+        /// vCPU index.
+        id: u8,
+        /// Guest instruction pointer, if it could be read.
+        rip: u64,
+    },
+    /// VM entry failed.
+    #[error("vCPU {id}: VM entry failed (hardware reason {reason:#x})")]
+    FailEntry {
+        /// vCPU index.
+        id: u8,
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// The guest reported a crash (KVM_SYSTEM_EVENT_CRASH).
+    #[error("vCPU {0}: the guest reported a crash")]
+    GuestCrash(u8),
+    /// An exit this VMM does not handle.
+    #[error("vCPU {id}: unexpected KVM exit {exit}")]
+    UnexpectedExit {
+        /// vCPU index.
+        id: u8,
+        /// Exit name.
+        exit: String,
+    },
+}
+
+/// Why a vCPU thread ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The VMM asked it to stop.
+    Requested,
+    /// The guest asked for a reset or power-off through KVM (system event).
+    GuestReset,
+    /// The vCPU halted with no in-kernel LAPIC to wake it.
+    Halted,
+}
+
+/// What a vCPU thread reports when it ends.
+pub type VcpuResult = (u8, Result<VcpuStop, VcpuError>);
+
+/// One vCPU before and while it runs.
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    pio: Bus,
+    mmio: Bus,
+    logged_unhandled: HashSet<(bool, u64)>,
+}
+
+impl Vcpu {
+    /// Create vCPU `id` on `vm`.
+    pub fn new(vm: &Vm, id: u8, pio: Bus, mmio: Bus) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Ioctl {
+                id,
+                what: "KVM_CREATE_VCPU",
+                source,
+            })?;
+        Ok(Vcpu {
+            id,
+            fd,
+            pio,
+            mmio,
+            logged_unhandled: HashSet::new(),
+        })
+    }
+
+    fn ioctl(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let id = self.id;
+        move |source| VcpuError::Ioctl { id, what, source }
+    }
+
+    /// Set CPUID, MSRs, registers, FPU and LAPIC for a 64-bit entry at
+    /// `entry`. Application processors get the same state; with the
+    /// in-kernel irqchip they wait for INIT/SIPI, which replaces it.
+    pub fn configure(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        entry: u64,
+        count: u8,
+        opts: CpuidOptions,
+    ) -> Result<(), VcpuError> {
+        let entries: Vec<kvm_cpuid_entry2> =
+            filter_cpuid(vm.supported_cpuid.as_slice(), self.id, count, opts);
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| VcpuError::UnexpectedExit {
+            id: self.id,
+            exit: "too many CPUID entries".into(),
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.ioctl("KVM_SET_CPUID2"))?;
+
+        let (wanted, dropped) = msr::supported_only(msr::boot_msrs(), &vm.msr_list);
+        if !dropped.is_empty() && self.id == 0 {
+            tracing::debug!("host KVM does not list boot MSRs {dropped:#x?}; not setting them");
+        }
+        // Set them one at a time so a refusal names the MSR and the rest
+        // still get set.
+        for m in wanted {
+            let msrs = Msrs::from_entries(&[m]).map_err(|_| VcpuError::UnexpectedExit {
+                id: self.id,
+                exit: "MSR list".into(),
+            })?;
+            match self.fd.set_msrs(&msrs) {
+                Ok(1) => {}
+                Ok(_) | Err(_) => {
+                    if self.id == 0 {
+                        tracing::warn!(
+                            "host KVM refused MSR {:#x} (listed by KVM_GET_MSR_INDEX_LIST); leaving it at its reset value",
+                            m.index
+                        );
+                    }
+                }
+            }
+        }
+
+        let sregs = self.fd.get_sregs().map_err(self.ioctl("KVM_GET_SREGS"))?;
+        let sregs = regs::long_mode_sregs(mem, sregs).map_err(|source| VcpuError::Regs {
+            id: self.id,
+            source,
+        })?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(self.ioctl("KVM_SET_SREGS"))?;
+        self.fd
+            .set_regs(&regs::boot_regs(entry))
+            .map_err(self.ioctl("KVM_SET_REGS"))?;
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(self.ioctl("KVM_SET_FPU"))?;
+        let mut lapic = self.fd.get_lapic().map_err(self.ioctl("KVM_GET_LAPIC"))?;
+        regs::set_lint(&mut lapic);
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.ioctl("KVM_SET_LAPIC"))?;
+        tracing::debug!(
+            "vCPU {} configured (APIC id {}, entry {entry:#x})",
+            self.id,
+            self.id
+        );
+        Ok(())
+    }
+
+    fn log_unhandled(&mut self, is_mmio: bool, addr: u64) {
+        // Once per address, and only a bounded number of addresses.
+        if self.logged_unhandled.len() < 64 && self.logged_unhandled.insert((is_mmio, addr)) {
+            let kind = if is_mmio { "MMIO" } else { "port" };
+            tracing::debug!("vCPU {}: guest accessed unowned {kind} {addr:#x}", self.id);
+        }
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    /// Run until the guest stops, fails, or `stop` is set (and the thread is
+    /// kicked with the vCPU kick signal).
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<VcpuStop, VcpuError> {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Ok(VcpuStop::Requested);
+            }
+            let id = self.id;
+            match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoIn(port, data) => {
+                        if !self.pio.read(u64::from(port), data) {
+                            self.log_unhandled(false, u64::from(port));
+                        }
+                    }
+                    VcpuExit::IoOut(port, data) => {
+                        if !self.pio.write(u64::from(port), data) {
+                            self.log_unhandled(false, u64::from(port));
+                        }
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        if !self.mmio.read(addr, data) {
+                            self.log_unhandled(true, addr);
+                        }
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        if !self.mmio.write(addr, data) {
+                            self.log_unhandled(true, addr);
+                        }
+                    }
+                    VcpuExit::Hlt => return Ok(VcpuStop::Halted),
+                    VcpuExit::Shutdown => return Err(VcpuError::TripleFault(id)),
+                    VcpuExit::FailEntry(reason, _cpu) => {
+                        return Err(VcpuError::FailEntry { id, reason })
+                    }
+                    VcpuExit::InternalError => {
+                        let rip = self.rip();
+                        return Err(VcpuError::InternalError { id, rip });
+                    }
+                    VcpuExit::SystemEvent(kind, _) => {
+                        return match kind {
+                            KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => {
+                                Ok(VcpuStop::GuestReset)
+                            }
+                            KVM_SYSTEM_EVENT_CRASH => Err(VcpuError::GuestCrash(id)),
+                            other => Err(VcpuError::UnexpectedExit {
+                                id,
+                                exit: format!("system event {other}"),
+                            }),
+                        };
+                    }
+                    other => {
+                        return Err(VcpuError::UnexpectedExit {
+                            id,
+                            exit: format!("{other:?}"),
+                        })
+                    }
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Kicked (or a spurious wakeup): re-check `stop`.
+                }
+                Err(source) => {
+                    return Err(VcpuError::Ioctl {
+                        id,
+                        what: "KVM_RUN",
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Spawn the vCPU thread. When it ends it sends its result on `done` and
+    /// writes `exit_evt` so the event loop wakes up.
+    pub fn spawn(
+        mut self,
+        stop: Arc<AtomicBool>,
+        done: Sender<VcpuResult>,
+        exit_evt: EventFd,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("ks_vcpu{}", self.id))
+            .spawn(move || {
+                let res = self.run(&stop);
+                let _ = done.send((self.id, res));
+                if let Err(e) = exit_evt.write(1) {
+                    tracing::error!("vCPU {}: cannot notify the VMM: {e}", self.id);
+                }
+            })
+    }
+}

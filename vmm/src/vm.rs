@@ -1,0 +1,118 @@
+//! The KVM VM: `/dev/kvm`, the VM fd, the in-kernel irqchip and PIT (created
+//! before any vCPU, as KVM requires), and guest memory registration.
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
+
+/// Errors setting up the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm does not exist.
+    #[error("/dev/kvm does not exist: this host has no KVM (enable virtualization, load kvm_intel or kvm_amd)")]
+    KvmMissing,
+    /// /dev/kvm cannot be opened by this user.
+    #[error("cannot open /dev/kvm: permission denied (add this user to the kvm group)")]
+    KvmPermission,
+    /// Other failure opening /dev/kvm.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(kvm_ioctls::Error),
+    /// KVM API version is not 12.
+    #[error("unsupported KVM API version {0} (need 12)")]
+    ApiVersion(i32),
+    /// A KVM ioctl on the VM failed.
+    #[error("KVM {what} failed: {source}")]
+    Ioctl {
+        /// Which call.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Ioctl { what, source }
+}
+
+/// The VM and what KVM told us about the host.
+pub struct Vm {
+    /// The VM file descriptor.
+    pub fd: VmFd,
+    /// CPUID the host supports.
+    pub supported_cpuid: CpuId,
+    /// MSR indices the host lists.
+    pub msr_list: Vec<u32>,
+    // Keep /dev/kvm open as long as the VM.
+    _kvm: Kvm,
+}
+
+impl Vm {
+    /// Open /dev/kvm, create the VM, its irqchip and PIT.
+    pub fn new() -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(|e| match e.errno() {
+            libc::ENOENT => VmError::KvmMissing,
+            libc::EACCES | libc::EPERM => VmError::KvmPermission,
+            _ => VmError::KvmOpen(e),
+        })?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(VmError::ApiVersion(api));
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
+        let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        Ok(Vm {
+            fd,
+            supported_cpuid,
+            msr_list,
+            _kvm: kvm,
+        })
+    }
+
+    /// Register every region of `mem` as a KVM memory slot.
+    ///
+    /// The caller keeps `mem` alive for as long as the VM runs: the VMM
+    /// holds both and drops the VM (and its vCPUs) first.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let host_addr = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| VmError::Ioctl {
+                    what: "KVM_SET_USER_MEMORY_REGION (no host address)",
+                    source: kvm_ioctls::Error::new(libc::EINVAL),
+                })?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host_addr as u64,
+            };
+            // SAFETY: the region is a live mmap of `memory_size` bytes owned
+            // by `mem`, which outlives the VM (see above), and slots do not
+            // overlap because the regions of a GuestMemoryMmap do not.
+            unsafe { self.fd.set_user_memory_region(r) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+}

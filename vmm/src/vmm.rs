@@ -1,0 +1,265 @@
+//! Running a built VM: the vCPU threads, the event loop (event-manager) on
+//! the VMM thread, and an orderly stop.
+
+use std::io::{BufRead, IsTerminal};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use keystone_devices::boot_timer::{BootTime, Timestamp};
+use keystone_devices::bus::lock;
+use keystone_devices::serial::SerialDevice;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+use vmm_sys_util::terminal::Terminal;
+
+use crate::builder::{build, BuildError};
+use crate::config::{SerialConfig, VmConfig};
+use crate::signals;
+use crate::vcpu::{VcpuResult, VcpuStop};
+
+/// Errors running the VMM (not guest failures: those are a [`VmExit`]).
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Building the VM failed.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// eventfd creation failed.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventManager(String),
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// How the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset or powered off (i8042, or a KVM system event).
+    GuestReset,
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+    /// A vCPU halted with nothing to wake it.
+    GuestHalted,
+    /// A vCPU failed: triple fault, internal error, failed entry.
+    GuestError(String),
+}
+
+impl VmExit {
+    /// Process exit code: 0 for an orderly end, 1 for a guest failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmExit::GuestReset | VmExit::Signal(_) | VmExit::GuestHalted => 0,
+            VmExit::GuestError(_) => 1,
+        }
+    }
+}
+
+/// Watches the three ways a VM ends: guest reset, a vCPU thread ending, and
+/// SIGTERM/SIGINT.
+struct ExitWatcher {
+    reset_evt: EventFd,
+    vcpu_evt: EventFd,
+    signal_evt: EventFd,
+    vcpu_results: Receiver<VcpuResult>,
+    exit: Option<VmExit>,
+}
+
+impl ExitWatcher {
+    fn set(&mut self, exit: VmExit) {
+        // A failure outranks an orderly end seen at the same time.
+        match (&self.exit, &exit) {
+            (Some(VmExit::GuestError(_)), _) => {}
+            _ => self.exit = Some(exit),
+        }
+    }
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == std::os::fd::AsRawFd::as_raw_fd(&self.reset_evt) {
+            let _ = self.reset_evt.read();
+            self.set(VmExit::GuestReset);
+        } else if fd == std::os::fd::AsRawFd::as_raw_fd(&self.signal_evt) {
+            let _ = self.signal_evt.read();
+            self.set(VmExit::Signal(
+                signals::exit_signal().unwrap_or(libc::SIGTERM),
+            ));
+        } else if fd == std::os::fd::AsRawFd::as_raw_fd(&self.vcpu_evt) {
+            let _ = self.vcpu_evt.read();
+            while let Ok((id, res)) = self.vcpu_results.try_recv() {
+                match res {
+                    Ok(VcpuStop::Requested) => {}
+                    Ok(VcpuStop::GuestReset) => self.set(VmExit::GuestReset),
+                    Ok(VcpuStop::Halted) => {
+                        tracing::info!("vCPU {id} halted");
+                        self.set(VmExit::GuestHalted)
+                    }
+                    Err(e) => self.set(VmExit::GuestError(e.to_string())),
+                }
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in [&self.reset_evt, &self.vcpu_evt, &self.signal_evt] {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                tracing::error!("cannot watch an exit event: {e:?}");
+            }
+        }
+    }
+}
+
+/// Feeds the VMM's stdin to the guest's UART.
+struct StdinInput {
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+impl MutEventSubscriber for StdinInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let stdin = std::io::stdin();
+        let mut lock_in = stdin.lock();
+        // One read(2) at most; everything it returned is consumed, so
+        // nothing lingers in std's buffer unseen by epoll.
+        let n = match lock_in.fill_buf() {
+            Ok(buf) => {
+                let n = buf.len();
+                if n > 0 {
+                    lock(&self.serial).enqueue_input(buf);
+                }
+                n
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return,
+            Err(_) => 0,
+        };
+        lock_in.consume(n);
+        if n == 0 {
+            // EOF or error: stop watching stdin.
+            let _ = ops.remove(events);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let stdin = std::io::stdin();
+        if let Err(e) = ops.add(Events::new(&stdin, EventSet::IN)) {
+            // A regular file or /dev/null cannot be polled: no console input.
+            tracing::debug!("not reading stdin (cannot poll it): {e:?}");
+        }
+    }
+}
+
+/// Puts a terminal stdin in raw mode, and back on drop.
+struct RawStdin;
+
+impl RawStdin {
+    fn enable() -> Option<Self> {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        stdin.lock().set_raw_mode().ok().map(|_| RawStdin)
+    }
+}
+
+impl Drop for RawStdin {
+    fn drop(&mut self) {
+        let _ = std::io::stdin().lock().set_canon_mode();
+    }
+}
+
+/// Build and run the VM until it ends. `start` is when the VMM process
+/// started; `boot_time_tx` receives boot-timer measurements.
+pub fn run(
+    config: &VmConfig,
+    start: Timestamp,
+    boot_time_tx: Option<Sender<BootTime>>,
+) -> Result<VmExit, VmmError> {
+    let signal_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    signals::install(&signal_evt).map_err(VmmError::Signals)?;
+
+    let mut built = build(config, start, boot_time_tx)?;
+
+    let vcpu_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    let (done_tx, done_rx) = channel();
+    let watcher = Arc::new(Mutex::new(ExitWatcher {
+        reset_evt: built
+            .devices
+            .reset_evt
+            .try_clone()
+            .map_err(VmmError::EventFd)?,
+        vcpu_evt: vcpu_evt.try_clone().map_err(VmmError::EventFd)?,
+        signal_evt,
+        vcpu_results: done_rx,
+        exit: None,
+    }));
+
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+        .map_err(|e| VmmError::EventManager(format!("{e:?}")))?;
+    em.add_subscriber(watcher.clone());
+    let _raw = if config.serial == SerialConfig::Stdio {
+        em.add_subscriber(Arc::new(Mutex::new(StdinInput {
+            serial: built.devices.serial.clone(),
+        })));
+        RawStdin::enable()
+    } else {
+        None
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for vcpu in built.vcpus.drain(..) {
+        let evt = vcpu_evt.try_clone().map_err(VmmError::EventFd)?;
+        match vcpu.spawn(stop.clone(), done_tx.clone(), evt) {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                stop_vcpus(&stop, handles);
+                return Err(VmmError::Thread(e));
+            }
+        }
+    }
+
+    let exit = loop {
+        match em.run() {
+            Ok(_) => {}
+            Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
+            Err(e) => {
+                stop_vcpus(&stop, handles);
+                return Err(VmmError::EventManager(format!("{e:?}")));
+            }
+        }
+        if let Some(exit) = lock(&watcher).exit.take() {
+            break exit;
+        }
+    };
+    stop_vcpus(&stop, handles);
+    Ok(exit)
+}
+
+/// Ask every vCPU thread to stop and wait (bounded) for them.
+fn stop_vcpus(stop: &AtomicBool, handles: Vec<std::thread::JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for h in handles {
+        // Kick until it leaves KVM_RUN: a kick that lands just before it
+        // enters KVM_RUN is lost, the next one is not.
+        while !h.is_finished() && Instant::now() < deadline {
+            let _ = h.kill(signals::vcpu_kick_signal());
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if h.is_finished() {
+            let _ = h.join();
+        } else {
+            tracing::warn!("a vCPU thread did not stop in time; exiting anyway");
+        }
+    }
+}

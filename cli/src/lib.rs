@@ -1,1 +1,6 @@
-pub fn x() {}
+//! The `keystone` command as a library: each verb is a function from parsed
+//! arguments to a report and an exit code; printing is separate from the work.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod doctor;

@@ -212,9 +212,9 @@ mod tests {
     #[test]
     fn hostile_accesses_are_ignored() {
         let (mut d, cap, _) = dev();
-        d.write(THR, &[b'a', b'b']);
+        d.write(THR, b"ab");
         d.write(THR, &[]);
-        d.write(u64::MAX, &[b'c']);
+        d.write(u64::MAX, b"c");
         let mut wide = [0xffu8; 4];
         d.read(u64::MAX, &mut wide);
         assert_eq!(wide, [0; 4]);

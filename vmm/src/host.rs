@@ -59,7 +59,7 @@ mod tests {
     #[test]
     fn parses_meminfo() {
         let s = "MemTotal:       24567812 kB\nMemFree:         1 kB\n";
-        assert_eq!(parse_mem_total_mib(s), Some(23991));
+        assert_eq!(parse_mem_total_mib(s), Some(23992));
         assert_eq!(parse_mem_total_mib("garbage"), None);
     }
 

@@ -14,6 +14,7 @@ pub mod device_manager;
 pub mod host;
 pub mod loader;
 pub mod memory;
+pub mod metrics;
 pub mod signals;
 pub mod vcpu;
 pub mod vm;

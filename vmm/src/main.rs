@@ -28,10 +28,14 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // One line: clap's first line, without its "error: " prefix.
+            // One line: clap's message up to its usage hint, joined.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            return fail(2, first.trim_start_matches("error: "));
+            let msg: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+                .map(str::trim)
+                .collect();
+            return fail(2, msg.join(" ").trim_start_matches("error: "));
         }
     };
     let config = match VmConfig::from_cli(&cli, host::host_mem_mib()) {

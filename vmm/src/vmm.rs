@@ -242,6 +242,14 @@ pub fn run(
         }
     };
     stop_vcpus(&stop, handles);
+    if let Some(m) = crate::metrics::memory_usage(&built.mem) {
+        tracing::info!(
+            "VMM memory: peak RSS {} KiB, guest RAM touched {} KiB, VMM overhead {} KiB",
+            m.peak_rss_kib,
+            m.guest_rss_kib,
+            m.overhead_kib()
+        );
+    }
     Ok(exit)
 }
 

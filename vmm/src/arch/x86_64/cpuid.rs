@@ -93,11 +93,7 @@ pub fn filter_cpuid(
                     }
                 }
             }
-            LEAF_EXT_FEATURES => {
-                if opts.no_nested {
-                    e.ecx &= !ECX_SVM;
-                }
-            }
+            LEAF_EXT_FEATURES if opts.no_nested => e.ecx &= !ECX_SVM,
             _ => {}
         }
     }

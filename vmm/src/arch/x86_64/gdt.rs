@@ -94,7 +94,7 @@ mod tests {
         let null = segment_from_gdt(gdt[0], 0);
         assert_eq!(null.unusable, 1);
         // A non-zero base is split across the descriptor.
-        let e = gdt_entry(0x8093, 0x1234_5678, 0xabcde);
+        let e = gdt_entry(0x0093, 0x1234_5678, 0xabcde);
         let s = segment_from_gdt(e, 5);
         assert_eq!(s.base, 0x1234_5678);
         assert_eq!(s.limit, 0xabcde);

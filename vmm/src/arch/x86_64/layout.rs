@@ -10,7 +10,8 @@
 //! 0x0000_a000  PDPT
 //! 0x0000_b000  4 page directories  (identity map of 0..4 GiB, 2 MiB pages)
 //! 0x0002_0000  kernel command line
-//! 0x0009_fc00  EBDA: MP table
+//! 0x0009_fc00  EBDA (reserved)
+//! 0x000f_0000  MP table          (BIOS area, where Linux scans for it)
 //! 0x0010_0000  kernel (HIMEM_START)
 //!   ...        RAM, initrd at the top of low RAM
 //! 0xc000_0000  MMIO gap (1 GiB): boot timer, later virtio-mmio devices
@@ -37,8 +38,13 @@ pub const PD_ADDR: u64 = 0xb000;
 pub const CMDLINE_ADDR: u64 = 0x20000;
 /// Longest command line, NUL included (Linux x86's COMMAND_LINE_SIZE).
 pub const CMDLINE_MAX_SIZE: usize = 2048;
-/// Extended BIOS data area: the MP table goes here.
+/// Extended BIOS data area (reserved in the e820 map).
 pub const EBDA_START: u64 = 0x9fc00;
+/// The MP table: the BIOS area 0xf0000-0xfffff, which Linux scans for the
+/// floating pointer. (The 1 KiB EBDA holds a table for 32 vCPUs at most.)
+pub const MPTABLE_START: u64 = 0xf0000;
+/// Room for the MP table.
+pub const MPTABLE_MAX_SIZE: u64 = 0x10000;
 /// Where the kernel is loaded, and where high memory starts.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO gap.
@@ -55,6 +61,12 @@ pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// Number of IOAPIC pins (KVM's IOAPIC).
 pub const IOAPIC_PINS: u8 = 24;
+
+// The boot stack sits between the zero page and the page tables, and the MP
+// table below the kernel: checked at compile time.
+const _: () =
+    assert!(BOOT_STACK_POINTER > ZERO_PAGE_ADDR + 0x1000 && BOOT_STACK_POINTER < PML4_ADDR);
+const _: () = assert!(MPTABLE_START + MPTABLE_MAX_SIZE <= HIMEM_START);
 
 /// The guest RAM ranges for `mem_size` bytes: one range below the MMIO gap
 /// and, for guests larger than 3 GiB, one above 4 GiB.
@@ -99,6 +111,7 @@ mod tests {
             (PD_ADDR, 4 * 0x1000),
             (CMDLINE_ADDR, CMDLINE_MAX_SIZE as u64),
             (EBDA_START, 0x400),
+            (MPTABLE_START, MPTABLE_MAX_SIZE),
         ];
         areas.sort();
         for w in areas.windows(2) {
@@ -109,7 +122,5 @@ mod tests {
                 w[1]
             );
         }
-        assert!(BOOT_STACK_POINTER > ZERO_PAGE_ADDR + 0x1000 && BOOT_STACK_POINTER < PML4_ADDR);
-        assert!(EBDA_START + 0x400 <= HIMEM_START);
     }
 }

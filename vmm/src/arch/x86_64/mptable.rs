@@ -1,10 +1,10 @@
-//! The Intel MultiProcessor table (MP spec 1.4) in the EBDA: how a guest
+//! The Intel MultiProcessor table (MP spec 1.4) in the BIOS area at 0xf0000: how a guest
 //! without ACPI (Linux with `acpi=off`, the probe guest) finds its CPUs, the
 //! IOAPIC and the routing of the 16 ISA interrupts plus the other IOAPIC pins.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{EBDA_START, IOAPIC_ADDR, IOAPIC_PINS, LAPIC_ADDR};
+use super::layout::{IOAPIC_ADDR, IOAPIC_PINS, LAPIC_ADDR, MPTABLE_START};
 
 /// Errors writing the MP table.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +56,7 @@ pub fn table_size(cpus: u8) -> usize {
 }
 
 /// The MP floating pointer and configuration table for `cpus` vCPUs, as
-/// bytes to place at `EBDA_START`.
+/// bytes to place at `MPTABLE_START`.
 pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     if cpus == 0 || cpus > MAX_CPUS {
         return Err(MptableError::TooManyCpus(cpus));
@@ -89,7 +89,7 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[MP_LINTSRC, MP_IRQ_NMI, 0, 0, BUS_ISA, 0, 0xff, 1]);
     count += 2;
 
-    let table_addr = EBDA_START as u32 + MPF_SIZE as u32;
+    let table_addr = MPTABLE_START as u32 + MPF_SIZE as u32;
     let table_len = (MPC_HEADER_SIZE + entries.len()) as u16;
 
     let mut mpc = Vec::with_capacity(usize::from(table_len));
@@ -122,15 +122,16 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     Ok(mpf)
 }
 
-/// Write the MP table for `cpus` vCPUs at `EBDA_START`.
+/// Write the MP table for `cpus` vCPUs at `MPTABLE_START`.
 pub fn setup_mptable(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), MptableError> {
     let table = build(cpus)?;
-    mem.write_slice(&table, GuestAddress(EBDA_START))
+    mem.write_slice(&table, GuestAddress(MPTABLE_START))
         .map_err(MptableError::Write)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::layout::MPTABLE_MAX_SIZE;
     use super::*;
 
     fn sum(b: &[u8]) -> u8 {
@@ -144,7 +145,7 @@ mod tests {
             assert_eq!(&t[0..4], b"_MP_");
             assert_eq!(sum(&t[0..16]), 0);
             let ptr = u32::from_le_bytes(t[4..8].try_into().unwrap()) as u64;
-            assert_eq!(ptr, EBDA_START + 16);
+            assert_eq!(ptr, MPTABLE_START + 16);
             let mpc = &t[16..];
             assert_eq!(&mpc[0..4], b"PCMP");
             let len = u16::from_le_bytes([mpc[4], mpc[5]]) as usize;
@@ -154,10 +155,9 @@ mod tests {
                 u32::from_le_bytes(mpc[36..40].try_into().unwrap()),
                 LAPIC_ADDR
             );
-            // The table ends before the VGA hole at 0xa0000.
             assert!(
-                EBDA_START + t.len() as u64 <= 0xa0000,
-                "{cpus} cpus overflow the EBDA"
+                t.len() as u64 <= MPTABLE_MAX_SIZE,
+                "{cpus} cpus overflow the BIOS area"
             );
         }
     }

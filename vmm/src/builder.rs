@@ -70,6 +70,15 @@ pub const PVM_WARNING: &str =
     "this host's KVM is PVM (kvm_pvm): an unmodified Linux kernel will not boot here; \
      the probe guest and the PVM test kernel do";
 
+/// Log (at debug level) how long after VMM start a boot phase ended.
+fn phase(start: Timestamp, name: &str) {
+    let now = Timestamp::now();
+    tracing::debug!(
+        "boot phase {name}: {} us",
+        now.wall_us.saturating_sub(start.wall_us)
+    );
+}
+
 /// Build the VM described by `config`.
 pub fn build(
     config: &VmConfig,
@@ -81,11 +90,10 @@ pub fn build(
         tracing::warn!("{PVM_WARNING}");
     }
 
-    let vm = Vm::new()?;
-
     let mem_size = config.memory_mib << 20;
     let mem = create_guest_memory(mem_size)?;
-    vm.register_memory(&mem)?;
+    let vm = Vm::new(&mem)?;
+    phase(start, "kvm vm created, guest memory registered");
 
     let kernel = load_kernel(&mem, &config.kernel, config.kernel_format)?;
     let initrd = match &config.initrd {
@@ -105,6 +113,7 @@ pub fn build(
     write_boot_params(&mem, &params)?;
     setup_mptable(&mem, config.vcpus)?;
     setup_page_tables(&mem)?;
+    phase(start, "kernel and boot structures loaded");
 
     let devices = DeviceManager::new(&vm, &config.serial, config.boot_timer, start, boot_time_tx)?;
 
@@ -117,6 +126,7 @@ pub fn build(
         vcpu.configure(&vm, &mem, kernel.entry, config.vcpus, opts)?;
         vcpus.push(vcpu);
     }
+    phase(start, "vcpus configured");
     tracing::info!(
         "VM ready: {} MiB, {} vCPU(s) configured, entry {:#x}",
         config.memory_mib,

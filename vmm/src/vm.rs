@@ -52,8 +52,16 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Open /dev/kvm, create the VM, its irqchip and PIT.
-    pub fn new() -> Result<Self, VmError> {
+    /// Open /dev/kvm, create the VM, register `mem`, then create the
+    /// irqchip and PIT.
+    ///
+    /// Memory goes in before the irqchip and PIT on purpose: measured on a
+    /// PVM host, KVM_SET_USER_MEMORY_REGION takes 5-11 ms once they exist
+    /// (its SRCU grace period waits on them) and about 0.2 ms before.
+    ///
+    /// The caller keeps `mem` alive for as long as the VM runs: the VMM
+    /// holds both and drops the VM (and its vCPUs) first.
+    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(|e| match e.errno() {
             libc::ENOENT => VmError::KvmMissing,
             libc::EACCES | libc::EPERM => VmError::KvmPermission,
@@ -72,6 +80,7 @@ impl Vm {
             .as_slice()
             .to_vec();
         let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        register_memory(&fd, mem)?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
@@ -87,32 +96,28 @@ impl Vm {
             _kvm: kvm,
         })
     }
+}
 
-    /// Register every region of `mem` as a KVM memory slot.
-    ///
-    /// The caller keeps `mem` alive for as long as the VM runs: the VMM
-    /// holds both and drops the VM (and its vCPUs) first.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
-        for (slot, region) in mem.iter().enumerate() {
-            let host_addr = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| VmError::Ioctl {
-                    what: "KVM_SET_USER_MEMORY_REGION (no host address)",
-                    source: kvm_ioctls::Error::new(libc::EINVAL),
-                })?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host_addr as u64,
-            };
-            // SAFETY: the region is a live mmap of `memory_size` bytes owned
-            // by `mem`, which outlives the VM (see above), and slots do not
-            // overlap because the regions of a GuestMemoryMmap do not.
-            unsafe { self.fd.set_user_memory_region(r) }
-                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-        Ok(())
+/// Register every region of `mem` as a KVM memory slot of `fd`.
+fn register_memory(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host_addr = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| VmError::Ioctl {
+                what: "KVM_SET_USER_MEMORY_REGION (no host address)",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the region is a live mmap of `memory_size` bytes owned by
+        // `mem`, which outlives the VM (see `Vm::new`), and slots do not
+        // overlap because the regions of a GuestMemoryMmap do not.
+        unsafe { fd.set_user_memory_region(r) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
     }
+    Ok(())
 }

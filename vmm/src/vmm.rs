@@ -228,6 +228,10 @@ pub fn run(
         }
     }
 
+    tracing::debug!(
+        "boot phase vcpus started: {} us",
+        Timestamp::now().wall_us.saturating_sub(start.wall_us)
+    );
     let exit = loop {
         match em.run() {
             Ok(_) => {}

@@ -180,6 +180,8 @@ fn bad_arguments_get_one_line_errors() {
     let nk = not_kernel.to_str().unwrap();
     let dirs = dir.0.to_str().unwrap();
     let long = "x".repeat(4096);
+    let disk_fast = format!("{nk},fast");
+    let vsock_exists = format!("3,{nk}");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--kernel", elf, "--memory", "64"], "below the minimum"),
         (
@@ -207,6 +209,27 @@ fn bad_arguments_get_one_line_errors() {
         ),
         (vec!["--kernel", elf, "--cmdline", &long], "longer than"),
         (vec!["--kernel", elf, "--memory", "lots"], "invalid value"),
+        (
+            vec!["--kernel", elf, "--disk", "/nonexistent/disk.img"],
+            "--disk",
+        ),
+        (
+            vec!["--kernel", elf, "--disk", &disk_fast],
+            "unknown option",
+        ),
+        (vec!["--kernel", elf, "--disk", dirs], "not a regular file"),
+        (
+            vec!["--kernel", elf, "--vsock", "2,/tmp/ks.sock"],
+            "CID must be",
+        ),
+        (
+            vec!["--kernel", elf, "--vsock", "abc"],
+            "expected CID,UDS_PATH",
+        ),
+        (
+            vec!["--kernel", elf, "--vsock", &vsock_exists],
+            "already exists",
+        ),
         (vec![], "--kernel"),
     ];
     for (args, want) in cases {

@@ -13,5 +13,6 @@ pub mod boot_timer;
 pub mod bus;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

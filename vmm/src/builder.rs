@@ -95,12 +95,19 @@ pub fn build(
     let vm = Vm::new(&mem)?;
     phase(start, "kvm vm created, guest memory registered");
 
+    let devices = DeviceManager::new(&vm, &mem, config, start, boot_time_tx)?;
+
     let kernel = load_kernel(&mem, &config.kernel, config.kernel_format)?;
     let initrd = match &config.initrd {
         Some(path) => Some(load_initrd(&mem, path, kernel.end)?),
         None => None,
     };
-    let cmdline_size = write_cmdline(&mem, &config.cmdline)?;
+    let mut cmdline = config.cmdline.clone();
+    for entry in &devices.cmdline_entries {
+        cmdline.push(' ');
+        cmdline.push_str(entry);
+    }
+    let cmdline_size = write_cmdline(&mem, &cmdline)?;
     let params = build_boot_params(
         mem_size,
         &BootInfo {
@@ -114,8 +121,6 @@ pub fn build(
     setup_mptable(&mem, config.vcpus)?;
     setup_page_tables(&mem)?;
     phase(start, "kernel and boot structures loaded");
-
-    let devices = DeviceManager::new(&vm, &config.serial, config.boot_timer, start, boot_time_tx)?;
 
     let opts = CpuidOptions {
         no_nested: config.no_nested,

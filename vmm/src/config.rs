@@ -44,6 +44,14 @@ pub struct Cli {
     /// logs `Guest-boot-time` (as Firecracker's --boot-timer).
     #[arg(long)]
     pub boot_timer: bool,
+    /// A virtio-blk disk: a raw image, `,ro` for read-only. Repeatable; the
+    /// first is /dev/vda.
+    #[arg(long, value_name = "PATH[,ro]")]
+    pub disk: Vec<String>,
+    /// A virtio-vsock device with Firecracker's hybrid Unix-socket backend:
+    /// guest CID (3 or more) and the host socket path to create.
+    #[arg(long, value_name = "CID,UDS_PATH")]
+    pub vsock: Option<String>,
     /// Hide VMX/SVM from the guest's CPUID (no nested virtualization).
     #[arg(long)]
     pub no_nested: bool,
@@ -62,6 +70,28 @@ pub enum SerialConfig {
     /// Discarded.
     None,
 }
+
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image.
+    pub path: PathBuf,
+    /// Guest writes are refused.
+    pub read_only: bool,
+}
+
+/// A virtio-vsock device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// Guest context id.
+    pub cid: u32,
+    /// Host Unix socket path (host-initiated connections; guest-initiated
+    /// ones go to `<path>_<port>`).
+    pub uds_path: PathBuf,
+}
+
+/// Most virtio devices: one GSI each, 5 to 23 on the IOAPIC.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 
 /// A validated VM configuration.
 #[derive(Clone, Debug)]
@@ -84,6 +114,10 @@ pub struct VmConfig {
     pub no_nested: bool,
     /// Boot timer device present.
     pub boot_timer: bool,
+    /// virtio-blk disks, in order (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+    /// virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// A bad argument. Each message is one line.
@@ -125,6 +159,25 @@ pub enum ConfigError {
     /// Unknown --serial value.
     #[error("--serial {0}: use stdio, file:PATH or none")]
     Serial(String),
+    /// A --disk value is wrong.
+    #[error("--disk {spec}: {reason}")]
+    Disk {
+        /// The value given.
+        spec: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A --vsock value is wrong.
+    #[error("--vsock {spec}: {reason}")]
+    Vsock {
+        /// The value given.
+        spec: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Too many virtio devices.
+    #[error("too many virtio devices: at most {MAX_VIRTIO_DEVICES}")]
+    TooManyDevices,
     /// Unknown log level.
     #[error("--log-level {0}: use error, warn, info, debug or trace")]
     LogLevel(String),
@@ -139,6 +192,72 @@ fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
             _ => Err(ConfigError::Serial(s.to_string())),
         },
     }
+}
+
+fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
+    let err = |reason: &str| ConfigError::Disk {
+        spec: spec.to_string(),
+        reason: reason.to_string(),
+    };
+    let (path, read_only) = match spec.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        Some((_, opt)) => return Err(err(&format!("unknown option {opt:?} (use ro)"))),
+        None => (spec, false),
+    };
+    if path.is_empty() {
+        return Err(err("empty path"));
+    }
+    let meta = std::fs::metadata(path).map_err(|e| err(&e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file (use a raw disk image)"));
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(!read_only);
+    opts.open(path).map_err(|e| err(&e.to_string()))?;
+    Ok(DiskConfig {
+        path: PathBuf::from(path),
+        read_only,
+    })
+}
+
+fn parse_vsock(spec: &str) -> Result<VsockConfig, ConfigError> {
+    let err = |reason: &str| ConfigError::Vsock {
+        spec: spec.to_string(),
+        reason: reason.to_string(),
+    };
+    let (cid, path) = spec
+        .split_once(',')
+        .ok_or_else(|| err("expected CID,UDS_PATH"))?;
+    let cid: u32 = cid
+        .trim()
+        .parse()
+        .map_err(|_| err("the CID is not a number"))?;
+    // 0-2 are reserved (hypervisor, local, host); u32::MAX is VMADDR_CID_ANY.
+    if cid < 3 || cid == u32::MAX {
+        return Err(err("the CID must be between 3 and 4294967294"));
+    }
+    let uds_path = PathBuf::from(path);
+    if path.is_empty() {
+        return Err(err("empty socket path"));
+    }
+    if uds_path.symlink_metadata().is_ok() {
+        return Err(err(
+            "the socket path already exists (remove the stale socket)",
+        ));
+    }
+    // sun_path holds 108 bytes with the NUL; `<path>_<port>` adds up to 11.
+    if path.len() + 11 >= 108 {
+        return Err(err("the socket path is too long for a Unix socket"));
+    }
+    let parent = uds_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !parent.is_dir() {
+        return Err(err("its directory does not exist"));
+    }
+    Ok(VsockConfig { cid, uds_path })
 }
 
 /// Check a kernel command line: printable, no NUL or newline, and short
@@ -186,6 +305,15 @@ impl VmConfig {
         };
         check_cmdline(&cli.cmdline)?;
         let serial = parse_serial(&cli.serial)?;
+        let disks = cli
+            .disk
+            .iter()
+            .map(|d| parse_disk(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vsock = cli.vsock.as_deref().map(parse_vsock).transpose()?;
+        if disks.len() + usize::from(vsock.is_some()) > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices);
+        }
         check_log_level(&cli.log_level)?;
         let kernel_format =
             detect_kernel_format(&cli.kernel).map_err(|source| ConfigError::Kernel {
@@ -217,6 +345,8 @@ impl VmConfig {
             serial,
             no_nested: cli.no_nested,
             boot_timer: cli.boot_timer,
+            disks,
+            vsock,
         })
     }
 }
@@ -272,6 +402,38 @@ mod tests {
         assert!(check_cmdline("a\nb").is_err());
         assert!(check_cmdline("a\0b").is_err());
         assert!(check_log_level("debug").is_ok());
+        let dir = std::env::temp_dir().join(format!("ks-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        std::fs::write(&img, [0u8; 512]).unwrap();
+        let img_s = img.to_str().unwrap();
+        assert_eq!(
+            parse_disk(&format!("{img_s},ro")).unwrap(),
+            DiskConfig {
+                path: img.clone(),
+                read_only: true
+            }
+        );
+        assert!(!parse_disk(img_s).unwrap().read_only);
+        assert!(parse_disk(&format!("{img_s},fast")).is_err());
+        assert!(parse_disk("/nonexistent.img").is_err());
+        assert!(parse_disk(dir.to_str().unwrap()).is_err());
+        let sock = dir.join("v.sock");
+        let ok = parse_vsock(&format!("3,{}", sock.display())).unwrap();
+        assert_eq!(ok.cid, 3);
+        for bad in [
+            "2,/tmp/x.sock",
+            "x,/tmp/x.sock",
+            "4294967295,/tmp/x",
+            "3",
+            "3,",
+        ] {
+            assert!(parse_vsock(bad).is_err(), "{bad}");
+        }
+        assert!(parse_vsock(&format!("3,{img_s}")).is_err(), "exists");
+        assert!(parse_vsock("3,/nonexistent/dir/v.sock").is_err());
+        assert!(parse_vsock(&format!("3,/tmp/{}", "x".repeat(100))).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
         assert!(check_log_level("loud").is_err());
     }
 }

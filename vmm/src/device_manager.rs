@@ -7,20 +7,35 @@
 //! | 8250 UART   | ports 0x3f8-0x3ff             | GSI 4     |
 //! | i8042       | ports 0x60-0x64 (reset only)  | none      |
 //! | boot timer  | MMIO 0xc000_0000, 4 KiB (with `--boot-timer`) | none |
+//! | virtio-mmio | MMIO 0xc000_1000 + 4 KiB × n, one per device  | GSI 5 + n |
+//!
+//! virtio devices, in order: each `--disk` (virtio-blk, 1 queue of 256),
+//! then `--vsock` (3 queues of 256). Each is announced to the guest kernel
+//! as `virtio_mmio.device=4K@<base>:<gsi>` on its command line; queue
+//! notifications are KVM ioeventfds and interrupts KVM irqfds.
 
 use std::fs::OpenOptions;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
+use keystone_devices::bus::lock;
+
+use event_manager::MutEventSubscriber;
 use keystone_devices::boot_timer::{
     BootTime, BootTimer, Timestamp, BOOT_TIMER_ADDR, BOOT_TIMER_LEN,
 };
 use keystone_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use keystone_devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
+use keystone_devices::virtio::block::{Block, BlockError};
+use keystone_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+use keystone_devices::virtio::vsock::{Vsock, VsockError};
+use keystone_devices::virtio::{Interrupt, VirtioDevice};
 use keystone_devices::{Bus, BusError};
+use kvm_ioctls::IoEventAddress;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::SerialConfig;
+use crate::config::{SerialConfig, VmConfig};
 use crate::vm::Vm;
 
 /// Errors creating devices.
@@ -45,6 +60,31 @@ pub enum DeviceError {
         /// The errno.
         source: kvm_ioctls::Error,
     },
+    /// Registering an ioeventfd failed.
+    #[error("KVM_IOEVENTFD at {addr:#x} failed: {source}")]
+    Ioeventfd {
+        /// The MMIO address.
+        addr: u64,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// A disk image cannot be used.
+    #[error("--disk {path}: {source}")]
+    Block {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        source: BlockError,
+    },
+    /// The vsock device cannot be created.
+    #[error("--vsock: {0}")]
+    Vsock(#[from] VsockError),
+    /// A virtio queue size is not valid (a VMM bug).
+    #[error("virtio queue setup: {0:?}")]
+    Queue(virtio_queue::Error),
+    /// More virtio devices than GSIs.
+    #[error("too many virtio devices")]
+    TooManyDevices,
     /// Two devices claim the same addresses.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -60,17 +100,29 @@ pub struct DeviceManager {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// Written by the i8042 when the guest resets.
     pub reset_evt: EventFd,
+    /// Devices with work for the event loop (virtio queue processing).
+    pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    /// `virtio_mmio.device=` entries for the kernel command line.
+    pub cmdline_entries: Vec<String>,
 }
 
+/// Base of the first virtio-mmio window (right after the boot timer).
+pub const VIRTIO_MMIO_BASE: u64 = BOOT_TIMER_ADDR + BOOT_TIMER_LEN;
+/// GSI of the first virtio device; they go up to the IOAPIC's last pin.
+pub const VIRTIO_FIRST_GSI: u32 = 5;
+const IOAPIC_LAST_GSI: u32 = 23;
+
 impl DeviceManager {
-    /// Create every device and attach it.
+    /// Create every device of `config` and attach it.
     pub fn new(
         vm: &Vm,
-        serial_cfg: &SerialConfig,
-        boot_timer: bool,
+        mem: &GuestMemoryMmap,
+        config: &VmConfig,
         start: Timestamp,
         boot_time_tx: Option<Sender<BootTime>>,
     ) -> Result<Self, DeviceError> {
+        let serial_cfg = &config.serial;
+        let boot_timer = config.boot_timer;
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
 
@@ -107,11 +159,69 @@ impl DeviceManager {
             mmio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_ADDR, BOOT_TIMER_LEN)?;
         }
 
-        Ok(DeviceManager {
+        let mut dm = DeviceManager {
             pio,
             mmio,
             serial,
             reset_evt,
-        })
+            subscribers: Vec::new(),
+            cmdline_entries: Vec::new(),
+        };
+        for disk in &config.disks {
+            let block =
+                Block::new(&disk.path, disk.read_only).map_err(|source| DeviceError::Block {
+                    path: disk.path.clone(),
+                    source,
+                })?;
+            dm.add_virtio(vm, mem, Arc::new(Mutex::new(block)))?;
+        }
+        if let Some(v) = &config.vsock {
+            let vsock = Vsock::new(u64::from(v.cid), &v.uds_path)?;
+            dm.add_virtio(vm, mem, Arc::new(Mutex::new(vsock)))?;
+        }
+        Ok(dm)
+    }
+
+    /// Put a virtio device behind the next MMIO window and GSI.
+    fn add_virtio<D>(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        dev: Arc<Mutex<D>>,
+    ) -> Result<(), DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let index = self.cmdline_entries.len() as u32;
+        let gsi = VIRTIO_FIRST_GSI + index;
+        if gsi > IOAPIC_LAST_GSI {
+            return Err(DeviceError::TooManyDevices);
+        }
+        let base = VIRTIO_MMIO_BASE + u64::from(index) * MMIO_WINDOW_SIZE;
+
+        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        vm.fd
+            .register_irqfd(&irq_evt, gsi)
+            .map_err(|source| DeviceError::Irqfd { gsi, source })?;
+        let interrupt = Arc::new(Interrupt::new(irq_evt));
+
+        let notify = base + NOTIFY_REG_OFFSET;
+        for (queue, evt) in lock(&dev).queue_events().iter().enumerate() {
+            vm.fd
+                .register_ioevent(evt, &IoEventAddress::Mmio(notify), queue as u32)
+                .map_err(|source| DeviceError::Ioeventfd {
+                    addr: notify,
+                    source,
+                })?;
+        }
+        let as_virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+        let transport =
+            MmioTransport::new(mem.clone(), as_virtio, interrupt).map_err(DeviceError::Queue)?;
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+        self.subscribers.push(dev);
+        self.cmdline_entries
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        Ok(())
     }
 }

@@ -206,6 +206,9 @@ pub fn run(
     let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| VmmError::EventManager(format!("{e:?}")))?;
     em.add_subscriber(watcher.clone());
+    for device in built.devices.subscribers.drain(..) {
+        em.add_subscriber(device);
+    }
     let _raw = if config.serial == SerialConfig::Stdio {
         em.add_subscriber(Arc::new(Mutex::new(StdinInput {
             serial: built.devices.serial.clone(),

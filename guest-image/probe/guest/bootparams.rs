@@ -56,3 +56,35 @@ pub fn probe_steps(cmdline: &[u8]) -> &[u8] {
         .find(|token| token.starts_with(KEY))
         .map_or(&[], |token| &token[KEY.len()..])
 }
+
+/// The value of the first space-separated token of `cmdline` that starts
+/// with `key` (which includes the `=`), e.g. `value(c, b"probe.vsock_connect=")`.
+pub fn value<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    cmdline
+        .split(|&b| b == b' ')
+        .find(|token| token.starts_with(key))
+        .map(|token| &token[key.len()..])
+}
+
+/// Parses an unsigned number: decimal, or hexadecimal after `0x`/`0X`.
+/// `None` for an empty string, any other character, or overflow.
+pub fn parse_u64(s: &[u8]) -> Option<u64> {
+    let (digits, radix) = match s {
+        [b'0', b'x' | b'X', rest @ ..] => (rest, 16),
+        _ => (s, 10),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &c in digits {
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' if radix == 16 => c - b'a' + 10,
+            b'A'..=b'F' if radix == 16 => c - b'A' + 10,
+            _ => return None,
+        };
+        n = n.checked_mul(radix)?.checked_add(u64::from(d))?;
+    }
+    Some(n)
+}

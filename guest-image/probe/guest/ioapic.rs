@@ -8,6 +8,8 @@ pub const BASE: u64 = 0xfec0_0000;
 const IOREGSEL: u64 = BASE;
 /// IOWIN: data window of the selected register.
 const IOWIN: u64 = BASE + 0x10;
+/// Number of redirection entries (pins) of KVM's I/O APIC.
+pub const PINS: u8 = 24;
 /// Index of the low half of redirection entry 0; entry n is at 0x10 + 2n.
 const REDIR_BASE: u32 = 0x10;
 

@@ -6,13 +6,20 @@
 //! The stubs still save every caller-saved register (and xmm0-15, with
 //! `movdqu`, which this host's emulator supports) before calling Rust.
 
-use crate::{cpu, echo, serial};
+use crate::{cpu, echo, serial, virtio};
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Vector of the UART interrupt (IOAPIC pin 4): 0x20 + ISA IRQ 4, as Linux
 /// numbers legacy IRQs.
 pub const UART_VECTOR: u8 = 0x24;
+/// Vector of virtio device n (its IOAPIC pin is the GSI the VMM gave it):
+/// `VIRTIO_VECTOR_BASE + n`, for n < `virtio::MAX_DEVICES`.
+pub const VIRTIO_VECTOR_BASE: u8 = 0x30;
+/// Vector of the local APIC timer (the bounded sleeps of the virtio drivers).
+pub const TIMER_VECTOR: u8 = 0x40;
+/// Byte distance between consecutive virtio stubs (`.balign 16` below).
+const VIRTIO_STUB_STRIDE: u64 = 16;
 /// Spurious-interrupt vector programmed into the local APIC's SVR.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
@@ -43,6 +50,11 @@ extern "C" {
     fn probe_exception_stubs();
     /// Entry stub for [`UART_VECTOR`].
     fn probe_irq_uart();
+    /// First of the `virtio::MAX_DEVICES` virtio stubs, `VIRTIO_STUB_STRIDE`
+    /// bytes apart.
+    fn probe_irq_virtio_stubs();
+    /// Entry stub for [`TIMER_VECTOR`].
+    fn probe_irq_timer();
     /// Entry stub for [`SPURIOUS_VECTOR`]: returns at once, no EOI.
     fn probe_irq_spurious();
 }
@@ -117,6 +129,22 @@ global_asm!(
     "mov edi, {uart_vector}",
     "jmp probe_irq_common",
     "",
+    ".global probe_irq_virtio_stubs",
+    ".balign 16",
+    "probe_irq_virtio_stubs:",
+    ".irp n, 0, 1, 2, 3, 4, 5, 6, 7",
+    ".balign 16",
+    "push rdi",
+    "mov edi, {virtio_vector_base} + \\n",
+    "jmp probe_irq_common",
+    ".endr",
+    "",
+    ".global probe_irq_timer",
+    "probe_irq_timer:",
+    "push rdi",
+    "mov edi, {timer_vector}",
+    "jmp probe_irq_common",
+    "",
     ".global probe_irq_spurious",
     "probe_irq_spurious:",
     "iretq",
@@ -182,6 +210,13 @@ global_asm!(
     exception_handler = sym exception_handler,
     dispatch = sym irq_dispatch,
     uart_vector = const UART_VECTOR,
+    virtio_vector_base = const VIRTIO_VECTOR_BASE,
+    timer_vector = const TIMER_VECTOR,
+);
+
+const _: () = assert!(
+    virtio::MAX_DEVICES == 8,
+    "one stub per device in .irp above"
 );
 
 /// A 64-bit interrupt gate to `handler`, as the two u64 halves of the entry.
@@ -200,7 +235,8 @@ fn set_gate(vector: u8, handler: u64) {
     IDT.0[index + 1].store(high, Ordering::Relaxed);
 }
 
-/// Fills the IDT (exceptions, the UART vector, the spurious vector) and
+/// Fills the IDT (exceptions, the UART, virtio and timer vectors, the
+/// spurious vector) and
 /// loads it on this CPU. Called once, by the BSP, before any other CPU runs.
 pub fn install() {
     let stubs = probe_exception_stubs as *const () as u64;
@@ -208,6 +244,14 @@ pub fn install() {
         set_gate(vector, stubs + u64::from(vector) * EXCEPTION_STUB_STRIDE);
     }
     set_gate(UART_VECTOR, probe_irq_uart as *const () as u64);
+    let virtio_stubs = probe_irq_virtio_stubs as *const () as u64;
+    for n in 0..virtio::MAX_DEVICES as u8 {
+        set_gate(
+            VIRTIO_VECTOR_BASE + n,
+            virtio_stubs + u64::from(n) * VIRTIO_STUB_STRIDE,
+        );
+    }
+    set_gate(TIMER_VECTOR, probe_irq_timer as *const () as u64);
     set_gate(SPURIOUS_VECTOR, probe_irq_spurious as *const () as u64);
     load();
 }
@@ -240,9 +284,14 @@ pub fn mask_pic() {
 /// Called by `probe_irq_common` with interrupts disabled, on the interrupted
 /// CPU's stack. Runs the device handler, then acknowledges the local APIC.
 extern "C" fn irq_dispatch(vector: u64) {
+    let virtio_vectors =
+        u64::from(VIRTIO_VECTOR_BASE)..u64::from(VIRTIO_VECTOR_BASE) + virtio::MAX_DEVICES as u64;
     if vector == u64::from(UART_VECTOR) {
         echo::on_uart_interrupt();
+    } else if virtio_vectors.contains(&vector) {
+        virtio::on_interrupt((vector - u64::from(VIRTIO_VECTOR_BASE)) as usize);
     }
+    // TIMER_VECTOR: waking the `hlt` was the point; nothing else to do.
     crate::lapic::eoi();
 }
 

@@ -12,6 +12,17 @@ const ID: u64 = 0x20;
 const EOI: u64 = 0xb0;
 /// Spurious interrupt vector register.
 const SVR: u64 = 0xf0;
+/// LVT timer register: vector in bits 7:0, masked (bit 16), mode in bits
+/// 18:17 (00 = one-shot).
+const LVT_TIMER: u64 = 0x320;
+/// Timer initial count (writing it starts the count-down; 0 stops it).
+const TIMER_INITIAL_COUNT: u64 = 0x380;
+/// Timer divide configuration.
+const TIMER_DIVIDE: u64 = 0x3e0;
+/// Divide configuration 1011b: divide by 1.
+const TIMER_DIVIDE_BY_1: u32 = 0xb;
+/// LVT bit 16: masked.
+const LVT_MASKED: u32 = 1 << 16;
 /// Interrupt command register, low half (writing it sends the IPI).
 const ICR_LOW: u64 = 0x300;
 /// Interrupt command register, high half: destination APIC id in bits 31:24.
@@ -44,6 +55,31 @@ fn write(reg: u64, value: u32) {
 /// Software-enables this CPU's local APIC (spurious vector 0xff).
 pub fn enable() {
     write(SVR, SVR_ENABLE_SPURIOUS_FF);
+}
+
+/// Programs the timer as one-shot, divide-by-1, delivering `vector`.
+pub fn timer_setup(vector: u8) {
+    write(TIMER_INITIAL_COUNT, 0);
+    write(TIMER_DIVIDE, TIMER_DIVIDE_BY_1);
+    write(LVT_TIMER, u32::from(vector));
+}
+
+/// Starts a one-shot count-down of `count` timer ticks (set up by
+/// [`timer_setup`]); its interrupt comes once, when it reaches zero.
+pub fn timer_start(count: u32) {
+    write(TIMER_INITIAL_COUNT, count);
+}
+
+/// Stops the count-down (an interrupt already pending is still delivered).
+pub fn timer_stop() {
+    write(TIMER_INITIAL_COUNT, 0);
+}
+
+/// Stops the timer and masks its LVT entry.
+#[allow(dead_code)]
+pub fn timer_off() {
+    write(TIMER_INITIAL_COUNT, 0);
+    write(LVT_TIMER, LVT_MASKED);
 }
 
 /// This CPU's local APIC id.

@@ -29,6 +29,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod blk;
 mod boot_timer;
 mod bootparams;
 mod cpu;
@@ -41,6 +42,8 @@ mod mem;
 mod mptable;
 mod serial;
 mod smp;
+mod virtio;
+mod vsock;
 
 use core::arch::global_asm;
 
@@ -113,7 +116,7 @@ extern "C" fn rust_main(boot_params: u64) -> ! {
         if step.is_empty() {
             continue;
         }
-        run_step(step);
+        run_step(step, cmdline);
     }
     serial::lock().str("probe: halted\n");
     cpu::halt_forever()
@@ -121,7 +124,7 @@ extern "C" fn rust_main(boot_params: u64) -> ! {
 
 /// Runs one `probe=` step (see `src/lib.rs` for the list). Steps that end
 /// the run (`reset`, `fault`, `spin`) do not return.
-fn run_step(step: &[u8]) {
+fn run_step(step: &[u8], cmdline: &[u8]) {
     match step {
         b"timer" => {
             boot_timer::signal();
@@ -129,6 +132,11 @@ fn run_step(step: &[u8]) {
         }
         b"smp" => smp::run(),
         b"echo" => echo::run(),
+        b"virtio" => {
+            virtio::discover(cmdline);
+        }
+        b"blk" => blk::run(cmdline),
+        b"vsock" => vsock::run(cmdline),
         b"reset" => {
             serial::lock().str("probe: reset\n");
             i8042::reset();

@@ -21,12 +21,18 @@
 //!   0xf0000..0x100000, one enabled processor entry per vCPU (APIC id =
 //!   vCPU index, BSP flagged), an I/O APIC entry.
 //! - 8250 UART at port 0x3f8 on IRQ 4 (GSI 4 of KVM's in-kernel IOAPIC at
-//!   0xfec00000), local APICs at 0xfee00000, i8042 at 0x60/0x64, boot timer
-//!   at MMIO 0xc000_0000.
+//!   0xfec00000), local APICs at 0xfee00000 (their timers count at KVM's
+//!   1 GHz), i8042 at 0x60/0x64, boot timer at MMIO 0xc000_0000.
+//! - virtio-mmio devices (only for the `virtio`, `blk` and `vsock` steps):
+//!   one `virtio_mmio.device=<size>@<base>:<gsi>` token per device on the
+//!   command line (Linux's syntax; size with an optional K/M/G suffix, e.g.
+//!   `4K@0xc0001000:5`), registers below 4 GiB, the interrupt on IOAPIC pin
+//!   `<gsi>`, edge-triggered (KVM irqfd).
 //! - Memory the probe itself uses below 1 MiB: 0x1000..0x2000 (AP
-//!   trampoline, SIPI vector 1). Its image, .bss and 64 stacks of 16 KiB
-//!   (NOLOAD: in the last PT_LOAD's memory size, not in the file) end near
-//!   0x207000.
+//!   trampoline, SIPI vector 1). Its image, .bss, 64 stacks of 16 KiB and
+//!   the 160 KiB `.dma` area of the virtio drivers (virtqueues and buffers;
+//!   both NOLOAD: in the last PT_LOAD's memory size, not in the file) end
+//!   near 0x23a000.
 //!
 //! # Command-line protocol
 //!
@@ -47,6 +53,9 @@
 //! | `timer` | writes 123 to the boot timer (MMIO 0xc000_0000, 1 byte) | `probe: boot-timer written` |
 //! | `smp`   | reads the MP table; starts each AP with INIT-SIPI-SIPI (one at a time, waiting for it); each AP prints and halts | `probe: mptable cpus=<N> ioapic=<0xaddr>`, `probe: cpuid apic-id=<id> logical=<n>` (CPUID.1 EBX bits 31:24 and 23:16), `probe: cpu 0 online`, then `probe: cpu <id> online` per AP, then `probe: smp online=<K>/<N>` |
 //! | `echo`  | masks the 8259s, routes IOAPIC pin 4 → vector 0x24 on the BSP, enables the UART RX interrupt; echoes received bytes as they arrive until `\n` or `\r` | `probe: echo ready`; after the line: (a `\n` if anything was echoed) `probe: echo-line: <line>`, `probe: echo irqs=<interrupts taken>` |
+//! | `virtio` | reads the `virtio_mmio.device=` tokens, checks each device's MagicValue (0x74726976) and Version (2), reads its DeviceID. `blk` and `vsock` do this first too; the lines are printed once per boot | `probe: virtio devices=<n>`, then per device (index = token order, from 0) `probe: virtio <i> id=<device id> base=<0xaddr> irq=<gsi>` or `probe: virtio <i> bad magic=<0x..> version=<v> base=<0x..>`; `probe: virtio bad token <token>` for a token that does not parse |
+//! | `blk`   | drives the first virtio-blk device (id 2); see [virtio-blk](#virtio-blk-the-blk-step) | `probe: blk capacity=<sectors>` ... `probe: blk irqs=<n>` |
+//! | `vsock` | drives the first virtio-vsock device (id 19); see [virtio-vsock](#virtio-vsock-the-vsock-step) | `probe: vsock cid=<cid>` ... `probe: vsock done` |
 //! | `reset` | `out 0x64, 0xfe` (i8042 CPU reset: the VMM should exit 0), then halts | `probe: reset` |
 //! | `fault` | loads an empty IDT and executes `ud2`: a triple fault (the VMM should exit non-zero) | `probe: fault` |
 //! | `spin`  | `cli; hlt` forever (for signal handling tests) | `probe: spinning` |
@@ -65,6 +74,127 @@
 //!
 //! APs print concurrently with nothing else (the BSP only waits), and every
 //! line is written under a spinlock, so lines never interleave.
+//!
+//! # The virtio drivers
+//!
+//! Minimal virtio 1.x drivers over virtio-mmio (register layout version 2,
+//! 32-bit register accesses, split virtqueues). Initialization: Status = 0
+//! (reset, read back until 0), ACKNOWLEDGE, DRIVER, read DeviceFeatures
+//! (select 0 and 1), require VIRTIO_F_VERSION_1 (bit 32), write
+//! DriverFeatures (select 0: the device-specific bits below if offered,
+//! select 1: VERSION_1 only), FEATURES_OK (read back), queues (QueueNum a
+//! power of two ≤ QueueNumMax, rings in one page of the `.dma` area:
+//! descriptors at +0, available ring after them, used ring at +0x800;
+//! QueueReady = 1), route the interrupt (IOAPIC pin `<gsi>` → vector 0x30 +
+//! device index, edge, to the BSP), DRIVER_OK. No notification suppression
+//! or event-idx: every buffer made available is followed by a QueueNotify
+//! write of the queue index.
+//!
+//! Completions are waited for with `sti; hlt`, each sleep bounded by a
+//! 10 ms one-shot local APIC timer (vector 0x40). The interrupt handler
+//! counts, reads InterruptStatus and writes it to InterruptACK, then EOIs.
+//! The driver reads the used rings itself after every wake-up, so a device
+//! that never interrupts still completes (slowly); if used buffers show up
+//! after a sleep that only the timer ended, and no interrupt came even after
+//! one more tick, it prints `probe: virtio <index> no interrupt` (once per
+//! device). Failures print one line and end the step:
+//! `probe: <blk|vsock> no device`, `probe: <name> no VERSION_1
+//! features=<0x..>`, `probe: <name> <reset did not complete:|FEATURES_OK not
+//! accepted:|DRIVER_OK not accepted:> status=<0x..>`, `probe: <name> queue <q>
+//! unusable max=<n> ready=<n>`. A device interrupt on a GSI ≥ 24 is not
+//! routed (`probe: virtio <i> irq <gsi> is not an IOAPIC pin: polling`).
+//!
+//! ## virtio-blk: the `blk` step
+//!
+//! Features: VIRTIO_BLK_F_FLUSH (bit 9) if offered. One queue of 16
+//! descriptors, requests one at a time (header, data, status descriptors;
+//! the status byte pre-filled with 0xff), each waited for at most 2 s. In
+//! order:
+//!
+//! 1. `probe: blk capacity=<sectors>` (config offset 0, u64), and
+//!    `probe: blk read-only` if VIRTIO_BLK_F_RO (bit 5) is offered (the
+//!    writes below are still attempted). A capacity of 0 prints
+//!    `probe: blk empty disk` and skips to the last line.
+//! 2. Writes [`blk_pattern`]`(s)` (byte i = (s * 31 + i) & 0xff) to sectors
+//!    s = 0, capacity / 2 and capacity - 1, FLUSH, reads them back:
+//!    `probe: blk pattern ok`, or `probe: blk pattern MISMATCH sector=<s>`
+//!    (the first one that differs or failed).
+//! 3. GET_ID (20 bytes): `probe: blk id=<serial>` (up to the first NUL,
+//!    unprintable bytes as `?`).
+//! 4. Malformed requests, each `probe: blk bad <name> status=<n>` with the
+//!    status byte as returned (255: returned without it being written), or
+//!    `probe: blk bad <name> timeout` if not returned within 2 s (its
+//!    descriptors are then never reused):
+//!    `read-past-end` (IN at sector = capacity), `overflow-sector` (IN at
+//!    sector 0xffff_ffff_ffff_ffff), `write-only-header` (IN of sector 0
+//!    whose header descriptor is device-writable), `readonly-status` (IN of
+//!    sector 0 whose status descriptor is not device-writable),
+//!    `unsupported-type` (type 99 with a device-writable 512-byte buffer),
+//!    `bad-len` (IN of sector 0 into a 100-byte buffer).
+//! 5. Reads sector 0 again: `probe: blk still ok` if it holds the pattern,
+//!    else `probe: blk still MISMATCH`.
+//! 6. Writes [`blk_marker`]`(capacity)` to the last sector and flushes:
+//!    `probe: blk marker written sector=<capacity - 1>`.
+//! 7. `probe: blk irqs=<interrupts taken>`.
+//!
+//! A request that should succeed and does not prints
+//! `probe: blk <write|flush|read|get-id|re-read|marker> sector=<s> status=<n>`
+//! (or `... timeout`) where it happens; the FLUSHes are skipped with
+//! `probe: blk no flush feature` if the device does not offer it. So after a
+//! successful run the disk holds `blk_pattern(0)` in sector 0,
+//! `blk_pattern(capacity / 2)` in sector capacity / 2 (if that is not the
+//! last sector) and `blk_marker(capacity)` in the last sector; nothing else
+//! was written.
+//!
+//! ## virtio-vsock: the `vsock` step
+//!
+//! No device-specific features. Queues: rx (32 descriptors: 16 buffers of a
+//! 44-byte header descriptor chained to a 4 KiB data descriptor), tx (16:
+//! 8 slots of header + data), event (4 buffers of 8 bytes). Stream sockets
+//! only; the probe advertises `buf_alloc` = 64 KiB and its `fwd_cnt` in
+//! every header, sends CREDIT_UPDATE after consuming half a window without
+//! sending anything, answers CREDIT_REQUEST, sends CREDIT_REQUEST when the
+//! peer's credit is 0, and never sends beyond the peer's credit. Packets
+//! for another CID, of another type or with `len` > 4096 are dropped
+//! (counted); a packet for no connection gets an RST. Guest-initiated
+//! connections go to CID 2 from local ports 49152, 49153, ...
+//!
+//! `probe: vsock cid=<guest_cid>` (config offset 0, u64) comes once the rx
+//! buffers are posted. Then, for each token present, in this order:
+//!
+//! - `probe.vsock_connect=<port>`: REQUEST to port `<port>`; an RST prints
+//!   `probe: vsock connect refused` (no answer in 5 s: `probe: vsock connect
+//!   timeout`). Sends [`VSOCK_GREETING`], reads until `\n` (at most 10 s,
+//!   128 bytes kept): `probe: vsock echo: <line without the \n>` (with
+//!   ` (incomplete)` appended if no `\n` came). Then SHUTDOWN (both
+//!   directions) and waits up to 4 s for the RST (sends one itself if none
+//!   comes); if the peer had already shut down both directions, just RST.
+//! - `probe.vsock_bulk=<port>:<kib>` (`:<kib>` optional, default 1024):
+//!   connects the same way and sends `<kib>` KiB where byte i of the stream
+//!   is i & 0xff, in packets of at most 4 KiB, within the peer's credit;
+//!   waits for the device to take them: `probe: vsock bulk sent <bytes>`, or
+//!   `probe: vsock bulk stalled sent=<bytes> credit=<n>` after 10 s without
+//!   progress (or if the connection was reset). Then shuts down as above.
+//! - `probe.vsock_listen=<port>` with `probe.vsock_accept=<count>` (default
+//!   1): prints `probe: vsock listening port=<port> accept=<count>`, then
+//!   answers REQUESTs to `<port>` with RESPONSE until `<count>` were
+//!   accepted (later ones, and REQUESTs to other ports, get RST); up to 80
+//!   connections are open at once. Every byte received is echoed back (an
+//!   rx buffer is held until its echo fits the tx slots and the peer's
+//!   credit). When the peer shuts down its sending side, the probe finishes
+//!   the echo and sends SHUTDOWN (both), then waits for the RST (2 s, then
+//!   sends RST itself); a peer SHUTDOWN of both directions or an RST closes
+//!   the connection at once. Each closed connection prints
+//!   `probe: vsock served <bytes received> bytes on conn <accept order from
+//!   0>`. Waits without a time limit until all `<count>` were accepted and
+//!   closed.
+//!
+//! Then `probe: vsock irqs=<interrupts taken>`, `probe: vsock dropped <n>
+//! packets` if any were, and `probe: vsock done`. Other lines: `probe: vsock
+//! event id=<id>` for an event-queue event (id 0, TRANSPORT_RESET, closes
+//! every connection and re-reads the CID), `probe: vsock tx queue stuck`
+//! (no tx slot came back in 2 s), `probe: vsock bad <token>` for a value
+//! that is not a number, `probe: vsock connection table full`.
 
 use std::path::Path;
 
@@ -72,7 +202,48 @@ use std::path::Path;
 pub const LOAD_ADDR: u64 = 0x10_0000;
 
 /// The step names the probe understands in `probe=`.
-pub const STEPS: &[&str] = &["timer", "smp", "echo", "reset", "fault", "spin"];
+pub const STEPS: &[&str] = &[
+    "timer", "smp", "echo", "virtio", "blk", "vsock", "reset", "fault", "spin",
+];
+
+/// Bytes of a disk sector as the `blk` step uses them.
+pub const SECTOR_SIZE: usize = 512;
+
+/// The first 16 bytes of [`blk_marker`].
+pub const BLK_MARKER_MAGIC: &[u8; 16] = b"KEYSTONE-PROBE\0\0";
+
+/// What the `blk` step writes to `sector` (0, capacity / 2, and at first
+/// capacity - 1): byte i = (sector * 31 + i) & 0xff.
+pub fn blk_pattern(sector: u64) -> [u8; SECTOR_SIZE] {
+    let mut s = [0u8; SECTOR_SIZE];
+    for (i, b) in s.iter_mut().enumerate() {
+        *b = (sector.wrapping_mul(31).wrapping_add(i as u64) & 0xff) as u8;
+    }
+    s
+}
+
+/// What the `blk` step leaves in the last sector of a disk of `capacity`
+/// sectors: bytes 0..16 [`BLK_MARKER_MAGIC`], bytes 16..24 `capacity`
+/// (u64 little-endian, as the guest read it from the device), then byte
+/// i = 255 - (i & 0xff) for i in 24..512.
+pub fn blk_marker(capacity: u64) -> [u8; SECTOR_SIZE] {
+    let mut s = [0u8; SECTOR_SIZE];
+    s[..16].copy_from_slice(BLK_MARKER_MAGIC);
+    s[16..24].copy_from_slice(&capacity.to_le_bytes());
+    for (i, b) in s.iter_mut().enumerate().skip(24) {
+        *b = 255 - (i & 0xff) as u8;
+    }
+    s
+}
+
+/// What `probe.vsock_connect=<port>` sends; it expects it echoed back.
+pub const VSOCK_GREETING: &str = "hello from guest\n";
+
+/// First local port of guest-initiated vsock connections.
+pub const VSOCK_FIRST_LOCAL_PORT: u32 = 49152;
+
+/// Receive window (`buf_alloc`) the `vsock` step advertises.
+pub const VSOCK_BUF_ALLOC: u32 = 64 * 1024;
 
 /// Path of the probe guest ELF built by `build.rs`.
 pub fn elf_path() -> &'static Path {
@@ -193,12 +364,54 @@ mod tests {
             "probe: echo-line: ",
             "probe: unknown step ",
             "probe: halted",
+            "virtio_mmio.device=",
+            "probe: virtio devices=",
+            "probe: blk capacity=",
+            "probe: blk pattern ok",
+            "probe: blk pattern MISMATCH sector=",
+            "probe: blk id=",
+            "probe: blk bad ",
+            "read-past-end",
+            "overflow-sector",
+            "write-only-header",
+            "readonly-status",
+            "unsupported-type",
+            "bad-len",
+            "probe: blk still ok",
+            "probe: blk marker written sector=",
+            "probe: blk irqs=",
+            "probe.vsock_connect=",
+            "probe.vsock_listen=",
+            "probe.vsock_accept=",
+            "probe.vsock_bulk=",
+            "probe: vsock cid=",
+            "probe: vsock connect refused",
+            "probe: vsock echo: ",
+            "probe: vsock served ",
+            "probe: vsock bulk sent ",
+            "probe: vsock irqs=",
+            "probe: vsock done",
+            VSOCK_GREETING,
         ] {
             assert!(has(s), "{s:?} missing from the image");
         }
         for step in STEPS {
             assert!(has(step), "step {step:?} missing from the image");
         }
+        assert!(has(std::str::from_utf8(BLK_MARKER_MAGIC).unwrap()));
+    }
+
+    #[test]
+    fn blk_pattern_and_marker_layout() {
+        let p = blk_pattern(3);
+        assert_eq!(&p[..3], &[93, 94, 95]);
+        assert_eq!(p[511], ((93 + 511) & 0xff) as u8);
+        let m = blk_marker(16384);
+        assert_eq!(&m[..16], b"KEYSTONE-PROBE\0\0");
+        assert_eq!(u64::from_le_bytes(m[16..24].try_into().unwrap()), 16384);
+        assert_eq!(m[24], 255 - 24);
+        assert_eq!(m[256], 255);
+        assert_eq!(m[511], 0);
     }
 
     /// Symbols in .text that are not 64-bit code (the AP trampoline's 16/32-bit

@@ -6,6 +6,7 @@
 //! costs its slot. Requests are sent one at a time and waited for by
 //! interrupt (with the timer-bounded fallback of `virtio::Waiter`).
 
+use crate::bootparams;
 use crate::serial;
 use crate::virtio::{self, pages, Virtq, Waiter, DESC_F_NEXT, DESC_F_WRITE};
 use core::sync::atomic::{AtomicU8, Ordering};
@@ -236,31 +237,37 @@ fn pattern_sector(k: u64, capacity: u64) -> u64 {
 }
 
 /// Runs the `blk` step.
-pub fn run(cmdline: &[u8]) {
+/// Finds the first block device and brings it up; prints why not if it
+/// cannot. Returns the driver, the capacity and whether FLUSH is offered.
+fn open(cmdline: &[u8]) -> Option<(Blk, u64, u64)> {
     virtio::discover(cmdline);
     let Some(dev) = virtio::find(virtio::ID_BLOCK) else {
         serial::lock().str("probe: blk no device\n");
-        return;
+        return None;
     };
     for slot in 0..SLOTS {
         STATE[slot].store(FREE, Ordering::Relaxed);
     }
-    let Some(offered) = virtio::init(dev, "blk", F_FLUSH) else {
-        return;
-    };
-    let Some(q) = Virtq::setup(dev, "blk", 0, pages::BLK_QUEUE, QUEUE_SIZE) else {
-        return;
-    };
+    let offered = virtio::init(dev, "blk", F_FLUSH)?;
+    let q = Virtq::setup(dev, "blk", 0, pages::BLK_QUEUE, QUEUE_SIZE)?;
     if !virtio::driver_ok(dev, "blk") {
-        return;
+        return None;
     }
-    let mut blk = Blk {
+    let blk = Blk {
         dev,
         q,
         requests: virtio::dma_page(pages::BLK_REQUESTS),
         data: virtio::dma_page(pages::BLK_DATA),
     };
     let capacity = virtio::config64(dev, 0);
+    Some((blk, capacity, offered))
+}
+
+/// The `blk` step (see `src/lib.rs`).
+pub fn run(cmdline: &[u8]) {
+    let Some((mut blk, capacity, offered)) = open(cmdline) else {
+        return;
+    };
     serial::lock()
         .str("probe: blk capacity=")
         .dec(capacity)
@@ -276,9 +283,66 @@ pub fn run(cmdline: &[u8]) {
     }
     serial::lock()
         .str("probe: blk irqs=")
-        .dec(u64::from(virtio::irqs(dev)))
+        .dec(u64::from(virtio::irqs(blk.dev)))
         .str("\n");
-    virtio::mask_interrupt(dev);
+    virtio::mask_interrupt(blk.dev);
+}
+
+/// Guest-physical buffer for `blkbench` transfers: plain RAM above the
+/// probe's image (which ends near 0x23a000); its contents do not matter.
+const BENCH_BUF: u64 = 0x40_0000;
+/// Largest `blkbench` request, KiB.
+const BENCH_MAX_KIB: u64 = 1024;
+
+/// The `blkbench` step: a sequential write of `probe.blkbench_mib` MiB
+/// (default 16) in requests of `probe.blkbench_kib` KiB (default 128, at
+/// most 1024), a FLUSH, then a sequential read of the same range, one
+/// request in flight at a time. The host times the phases from these lines:
+/// `probe: blkbench write start`, `probe: blkbench write done bytes=<n>`,
+/// `probe: blkbench read start`, `probe: blkbench read done bytes=<n>`.
+/// The guest touches no data: the VMM moves it between file and RAM.
+pub fn bench(cmdline: &[u8]) {
+    let Some((mut blk, capacity, offered)) = open(cmdline) else {
+        return;
+    };
+    let param = |key: &[u8], default: u64| {
+        bootparams::value(cmdline, key)
+            .and_then(bootparams::parse_u64)
+            .unwrap_or(default)
+    };
+    let mib = param(b"probe.blkbench_mib=", 16);
+    let kib = param(b"probe.blkbench_kib=", 128).clamp(1, BENCH_MAX_KIB);
+    let sectors_per_req = kib * 2;
+    let reqs = mib * 1024 / kib;
+    if reqs * sectors_per_req > capacity {
+        serial::lock().str("probe: blkbench disk too small\n");
+        return;
+    }
+    let len = (kib * 1024) as u32;
+    for (kind, writes, name) in [(T_OUT, false, "write"), (T_IN, true, "read")] {
+        serial::lock()
+            .str("probe: blkbench ")
+            .str(name)
+            .str(" start\n");
+        let mut done = 0;
+        for i in 0..reqs {
+            let r = Request::new(kind, i * sectors_per_req, BENCH_BUF, len, writes);
+            if !blk.run_ok(name, &r) {
+                break;
+            }
+            done += u64::from(len);
+        }
+        if kind == T_OUT {
+            blk.flush(offered & u64::from(F_FLUSH) != 0);
+        }
+        serial::lock()
+            .str("probe: blkbench ")
+            .str(name)
+            .str(" done bytes=")
+            .dec(done)
+            .str("\n");
+    }
+    virtio::mask_interrupt(blk.dev);
 }
 
 /// Everything after initialization, on a disk of `capacity` > 0 sectors.

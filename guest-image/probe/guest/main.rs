@@ -136,6 +136,7 @@ fn run_step(step: &[u8], cmdline: &[u8]) {
             virtio::discover(cmdline);
         }
         b"blk" => blk::run(cmdline),
+        b"blkbench" => blk::bench(cmdline),
         b"vsock" => vsock::run(cmdline),
         b"reset" => {
             serial::lock().str("probe: reset\n");

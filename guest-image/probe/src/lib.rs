@@ -56,6 +56,7 @@
 //! | `virtio` | reads the `virtio_mmio.device=` tokens, checks each device's MagicValue (0x74726976) and Version (2), reads its DeviceID. `blk` and `vsock` do this first too; the lines are printed once per boot | `probe: virtio devices=<n>`, then per device (index = token order, from 0) `probe: virtio <i> id=<device id> base=<0xaddr> irq=<gsi>` or `probe: virtio <i> bad magic=<0x..> version=<v> base=<0x..>`; `probe: virtio bad token <token>` for a token that does not parse |
 //! | `blk`   | drives the first virtio-blk device (id 2); see [virtio-blk](#virtio-blk-the-blk-step) | `probe: blk capacity=<sectors>` ... `probe: blk irqs=<n>` |
 //! | `vsock` | drives the first virtio-vsock device (id 19); see [virtio-vsock](#virtio-vsock-the-vsock-step) | `probe: vsock cid=<cid>` ... `probe: vsock done` |
+//! | `blkbench` | sequential write, FLUSH, then read of `probe.blkbench_mib=` MiB (16) in `probe.blkbench_kib=` KiB requests (128), one in flight, from/to plain RAM at 0x400000 | `probe: blkbench write start`, `probe: blkbench write done bytes=<n>`, `probe: blkbench read start`, `probe: blkbench read done bytes=<n>` |
 //! | `reset` | `out 0x64, 0xfe` (i8042 CPU reset: the VMM should exit 0), then halts | `probe: reset` |
 //! | `fault` | loads an empty IDT and executes `ud2`: a triple fault (the VMM should exit non-zero) | `probe: fault` |
 //! | `spin`  | `cli; hlt` forever (for signal handling tests) | `probe: spinning` |
@@ -135,7 +136,7 @@
 //!    else `probe: blk still MISMATCH`.
 //! 6. Writes [`blk_marker`]`(capacity)` to the last sector and flushes:
 //!    `probe: blk marker written sector=<capacity - 1>`.
-//! 7. `probe: blk irqs=<interrupts taken>`.
+//! 7. `probe: blk irqs=<interrupts taken>` (by this device since boot).
 //!
 //! A request that should succeed and does not prints
 //! `probe: blk <write|flush|read|get-id|re-read|marker> sector=<s> status=<n>`
@@ -167,8 +168,8 @@
 //!   timeout`). Sends [`VSOCK_GREETING`], reads until `\n` (at most 10 s,
 //!   128 bytes kept): `probe: vsock echo: <line without the \n>` (with
 //!   ` (incomplete)` appended if no `\n` came). Then SHUTDOWN (both
-//!   directions) and waits up to 4 s for the RST (sends one itself if none
-//!   comes); if the peer had already shut down both directions, just RST.
+//!   directions) and waits up to 2 s for the RST (then sends one itself);
+//!   if the peer had already shut down both directions, just RST.
 //! - `probe.vsock_bulk=<port>:<kib>` (`:<kib>` optional, default 1024):
 //!   connects the same way and sends `<kib>` KiB where byte i of the stream
 //!   is i & 0xff, in packets of at most 4 KiB, within the peer's credit;
@@ -189,7 +190,7 @@
 //!   0>`. Waits without a time limit until all `<count>` were accepted and
 //!   closed.
 //!
-//! Then `probe: vsock irqs=<interrupts taken>`, `probe: vsock dropped <n>
+//! Then `probe: vsock irqs=<interrupts taken by the device since boot>`, `probe: vsock dropped <n>
 //! packets` if any were, and `probe: vsock done`. Other lines: `probe: vsock
 //! event id=<id>` for an event-queue event (id 0, TRANSPORT_RESET, closes
 //! every connection and re-reads the CID), `probe: vsock tx queue stuck`
@@ -203,7 +204,7 @@ pub const LOAD_ADDR: u64 = 0x10_0000;
 
 /// The step names the probe understands in `probe=`.
 pub const STEPS: &[&str] = &[
-    "timer", "smp", "echo", "virtio", "blk", "vsock", "reset", "fault", "spin",
+    "timer", "smp", "echo", "virtio", "blk", "blkbench", "vsock", "reset", "fault", "spin",
 ];
 
 /// Bytes of a disk sector as the `blk` step uses them.

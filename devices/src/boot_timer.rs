@@ -76,17 +76,23 @@ impl std::fmt::Display for BootTime {
     }
 }
 
-/// The boot timer device.
+/// The boot timer device. Only the first signal counts: a guest that keeps
+/// writing 123 cannot flood the log or the notification channel.
 pub struct BootTimer {
     start: Timestamp,
     notify: Option<Sender<BootTime>>,
+    fired: bool,
 }
 
 impl BootTimer {
     /// A boot timer measuring from `start` (taken first thing in the VMM's
     /// `main`). `notify`, if given, receives every measurement.
     pub fn new(start: Timestamp, notify: Option<Sender<BootTime>>) -> Self {
-        BootTimer { start, notify }
+        BootTimer {
+            start,
+            notify,
+            fired: false,
+        }
     }
 }
 
@@ -96,9 +102,10 @@ impl BusDevice for BootTimer {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset != 0 || data != [BOOT_COMPLETE_MAGIC] {
+        if offset != 0 || data != [BOOT_COMPLETE_MAGIC] || self.fired {
             return;
         }
+        self.fired = true;
         let now = Timestamp::now();
         let t = BootTime {
             wall_us: now.wall_us.saturating_sub(self.start.wall_us),
@@ -130,6 +137,9 @@ mod tests {
         t.write(0, &[BOOT_COMPLETE_MAGIC]);
         let bt = rx.try_recv().unwrap();
         assert!(bt.wall_us >= 2000, "{bt:?}");
+        // Only the first signal counts.
+        t.write(0, &[BOOT_COMPLETE_MAGIC]);
+        assert!(rx.try_recv().is_err());
         let mut buf = [0xffu8; 4];
         t.read(0, &mut buf);
         assert_eq!(buf, [0; 4]);

@@ -41,6 +41,46 @@ impl Trigger for IrqTrigger {
 /// Where console output goes.
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// A writer that passes at most `limit` bytes to `inner` and drops the rest
+/// (logged once): a guest must not fill the host's disk through a console
+/// log file.
+pub struct CappedWriter<W> {
+    inner: W,
+    left: u64,
+    warned: bool,
+}
+
+impl<W: Write> CappedWriter<W> {
+    /// Wrap `inner`, allowing `limit` bytes.
+    pub fn new(inner: W, limit: u64) -> Self {
+        CappedWriter {
+            inner,
+            left: limit,
+            warned: false,
+        }
+    }
+}
+
+impl<W: Write> Write for CappedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let take = (buf.len() as u64).min(self.left) as usize;
+        if take < buf.len() && !self.warned {
+            self.warned = true;
+            tracing::warn!("serial: console log reached its size limit; dropping further output");
+        }
+        if take > 0 {
+            let n = self.inner.write(&buf[..take])?;
+            self.left -= n as u64;
+        }
+        // Report everything as written: dropped output is not an error.
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The UART with its input buffer.
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, SerialOut>,
@@ -100,11 +140,12 @@ impl SerialDevice {
     }
 
     fn refill_fifo(&mut self) {
-        if self.pending.is_empty() {
+        let room = self.uart.fifo_capacity().min(self.pending.len());
+        if room == 0 {
             return;
         }
-        let (front, _) = self.pending.as_slices();
-        let chunk: Vec<u8> = front.to_vec();
+        // At most one FIFO's worth (64 bytes) per refill.
+        let chunk: Vec<u8> = self.pending.iter().take(room).copied().collect();
         let done = self.push_to_fifo(&chunk);
         self.pending.drain(..done);
     }
@@ -124,8 +165,11 @@ impl BusDevice for SerialDevice {
             return;
         };
         *first = self.uart.read(reg);
-        // Reading the receive buffer may have made room in the FIFO.
-        self.refill_fifo();
+        // Reading the receive buffer (offset 0) may have made room in the
+        // FIFO; other registers cannot.
+        if reg == 0 {
+            self.refill_fifo();
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -207,6 +251,16 @@ mod tests {
         let accepted = d.enqueue_input(&big);
         assert!(accepted < big.len());
         assert!(d.pending_input() <= PENDING_INPUT_CAP);
+    }
+
+    #[test]
+    fn capped_writer_stops_at_its_limit() {
+        let cap = Capture::default();
+        let mut w = CappedWriter::new(cap.clone(), 5);
+        assert_eq!(w.write(b"abc").unwrap(), 3);
+        assert_eq!(w.write(b"defgh").unwrap(), 5);
+        assert_eq!(w.write(b"ij").unwrap(), 2);
+        assert_eq!(cap.0.lock().unwrap().as_slice(), b"abcde");
     }
 
     #[test]

@@ -25,7 +25,9 @@ use keystone_devices::boot_timer::{
     BootTime, BootTimer, Timestamp, BOOT_TIMER_ADDR, BOOT_TIMER_LEN,
 };
 use keystone_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
-use keystone_devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
+use keystone_devices::serial::{
+    CappedWriter, SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN,
+};
 use keystone_devices::virtio::block::{Block, BlockError};
 use keystone_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
 use keystone_devices::virtio::vsock::{Vsock, VsockError};
@@ -106,6 +108,9 @@ pub struct DeviceManager {
     pub cmdline_entries: Vec<String>,
 }
 
+/// Most bytes of guest console output written to a `--serial file:` log.
+pub const SERIAL_FILE_LIMIT: u64 = 64 << 20;
+
 /// Base of the first virtio-mmio window (right after the boot timer).
 pub const VIRTIO_MMIO_BASE: u64 = BOOT_TIMER_ADDR + BOOT_TIMER_LEN;
 /// GSI of the first virtio device; they go up to the IOAPIC's last pin.
@@ -129,7 +134,7 @@ impl DeviceManager {
         let out: SerialOut = match serial_cfg {
             SerialConfig::Stdio => Box::new(std::io::stdout()),
             SerialConfig::None => Box::new(std::io::sink()),
-            SerialConfig::File(path) => Box::new(
+            SerialConfig::File(path) => Box::new(CappedWriter::new(
                 OpenOptions::new()
                     .create(true)
                     .append(true)
@@ -138,7 +143,8 @@ impl DeviceManager {
                         path: path.clone(),
                         source,
                     })?,
-            ),
+                SERIAL_FILE_LIMIT,
+            )),
         };
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.fd

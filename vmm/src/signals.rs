@@ -3,9 +3,10 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::OnceLock;
 
 use libc::{c_int, c_void, siginfo_t};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 /// The eventfd written when SIGTERM or SIGINT arrives (-1: none yet).
@@ -19,8 +20,8 @@ extern "C" fn on_exit_signal(num: c_int, _: *mut siginfo_t, _: *mut c_void) {
     if fd >= 0 {
         let one: u64 = 1;
         // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte
-        // buffer and `fd` is the eventfd kept open by the VMM for its whole
-        // life. A failed write (full counter) still leaves the fd readable.
+        // buffer and `fd` is EXIT_EVENT's eventfd, which is never closed.
+        // A failed write (full counter) still leaves the fd readable.
         unsafe {
             libc::write(fd, (&one as *const u64).cast::<c_void>(), 8);
         }
@@ -34,15 +35,27 @@ pub fn vcpu_kick_signal() -> c_int {
     SIGRTMIN()
 }
 
-/// Install the SIGTERM/SIGINT handlers writing `evt`, and the vCPU kick
-/// handler. `evt` must stay open for the life of the process.
-pub fn install(evt: &EventFd) -> std::io::Result<()> {
+/// The eventfd SIGTERM/SIGINT write; created once and never closed, so the
+/// handler never writes to a reused fd number.
+static EXIT_EVENT: OnceLock<EventFd> = OnceLock::new();
+
+/// Install the SIGTERM/SIGINT handlers and the vCPU kick handler; returns a
+/// handle on the eventfd the exit signals write (a duplicate: the original
+/// stays open for the life of the process).
+pub fn install() -> std::io::Result<EventFd> {
+    let evt = match EXIT_EVENT.get() {
+        Some(evt) => evt,
+        None => {
+            let evt = EventFd::new(EFD_NONBLOCK)?;
+            EXIT_EVENT.get_or_init(|| evt)
+        }
+    };
     EXIT_EVENT_FD.store(evt.as_raw_fd(), Ordering::SeqCst);
     for sig in [libc::SIGTERM, libc::SIGINT] {
         register_signal_handler(sig, on_exit_signal).map_err(std::io::Error::from)?;
     }
     register_signal_handler(vcpu_kick_signal(), on_vcpu_kick).map_err(std::io::Error::from)?;
-    Ok(())
+    evt.try_clone()
 }
 
 /// The signal that asked the VMM to stop, if any.

@@ -184,8 +184,7 @@ pub fn run(
     start: Timestamp,
     boot_time_tx: Option<Sender<BootTime>>,
 ) -> Result<VmExit, VmmError> {
-    let signal_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-    signals::install(&signal_evt).map_err(VmmError::Signals)?;
+    let signal_evt = signals::install().map_err(VmmError::Signals)?;
 
     let mut built = build(config, start, boot_time_tx)?;
 
@@ -248,7 +247,11 @@ pub fn run(
             break exit;
         }
     };
-    stop_vcpus(&stop, handles);
+    if !stop_vcpus(&stop, handles) {
+        // A vCPU thread still in KVM_RUN keeps the VM alive: its memory
+        // mappings must outlive it, so they are leaked, not unmapped.
+        std::mem::forget(built.mem.clone());
+    }
     if let Some(m) = crate::metrics::memory_usage(&built.mem) {
         tracing::info!(
             "VMM memory: peak RSS {} KiB, guest RAM touched {} KiB, VMM overhead {} KiB",
@@ -260,8 +263,10 @@ pub fn run(
     Ok(exit)
 }
 
-/// Ask every vCPU thread to stop and wait (bounded) for them.
-fn stop_vcpus(stop: &AtomicBool, handles: Vec<std::thread::JoinHandle<()>>) {
+/// Ask every vCPU thread to stop and wait (bounded) for them. Returns
+/// whether all of them stopped.
+fn stop_vcpus(stop: &AtomicBool, handles: Vec<std::thread::JoinHandle<()>>) -> bool {
+    let mut all = true;
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + Duration::from_secs(2);
     for h in handles {
@@ -274,7 +279,9 @@ fn stop_vcpus(stop: &AtomicBool, handles: Vec<std::thread::JoinHandle<()>>) {
         if h.is_finished() {
             let _ = h.join();
         } else {
+            all = false;
             tracing::warn!("a vCPU thread did not stop in time; exiting anyway");
         }
     }
+    all
 }

@@ -19,6 +19,14 @@
 //! `VIRTIO_BLK_S_IOERR` when it has a status byte to write and is returned
 //! with a used length of 0 when it has not; each class of guest error is
 //! logged once.
+//!
+//! Requests are serviced synchronously on the VMM's event loop, so the work
+//! one guest can cause per wake-up is bounded: a request carries at most
+//! [`SIZE_MAX`] bytes of data per descriptor and [`SEG_MAX`] × [`SIZE_MAX`]
+//! in all (larger ones fail with `VIRTIO_BLK_S_IOERR` before the file is
+//! touched), and one wake-up handles at most [`MAX_CHAINS_PER_EVENT`]
+//! requests or about [`MAX_BYTES_PER_EVENT`] bytes of buffers, then re-arms
+//! the queue eventfd and yields to the rest of the event loop.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -32,10 +40,10 @@ use std::sync::Arc;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
-    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
@@ -55,6 +63,18 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Data segments per request the driver may use (`seg_max`): the queue size
 /// less the header and status descriptors.
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Most data bytes in one descriptor of a request (`size_max`).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Most data bytes in one request: `seg_max` × `size_max`.
+const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+// Used lengths of accepted requests fit a u32.
+const _: () = assert!(MAX_REQUEST_BYTES < u32::MAX as u64);
+/// Most requests handled per wake-up of the event handler before it yields
+/// to the rest of the event loop (a full queue).
+pub const MAX_CHAINS_PER_EVENT: usize = QUEUE_SIZE as usize;
+/// Buffer bytes (the sum of the descriptor lengths of the requests handled)
+/// after which a wake-up yields; the request crossing it is completed.
+pub const MAX_BYTES_PER_EVENT: u64 = 64 << 20;
 /// Most sectors one DISCARD segment may cover (`max_discard_sectors`).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 /// Most segments in one DISCARD request (`max_discard_seg`).
@@ -135,12 +155,16 @@ enum GuestError {
     /// A DISCARD / WRITE_ZEROES payload that is not a list of segments
     /// within the limits.
     BadSegments,
+    /// A descriptor with more than `size_max` data bytes, or a request with
+    /// more than `seg_max` × `size_max`.
+    TooLarge,
     /// An avail ring entry names a descriptor beyond the queue.
     BadHead,
 }
 
 impl GuestError {
-    const COUNT: usize = 11;
+    /// `BadHead` is the last variant.
+    const COUNT: usize = GuestError::BadHead as usize + 1;
 
     fn index(self) -> usize {
         self as usize
@@ -158,6 +182,7 @@ impl GuestError {
             GuestError::OutOfRange => "request beyond the end of the disk",
             GuestError::ReadOnly => "write to a read-only disk",
             GuestError::BadSegments => "malformed discard/write-zeroes segments",
+            GuestError::TooLarge => "request larger than size_max/seg_max allow",
             GuestError::BadHead => "avail ring entry beyond the queue (dropped)",
         }
     }
@@ -236,6 +261,30 @@ where
     Ok(())
 }
 
+/// Checks that no descriptor carries more than [`SIZE_MAX`] data bytes. The
+/// header (the first 16 readable bytes) and the status byte (the last byte
+/// of the chain) are not data: a descriptor may hold either besides
+/// `size_max` bytes of data (spec 2.6.4 allows any framing).
+fn check_segment_sizes(descs: &[Desc]) -> Result<(), ReqError> {
+    let status_desc = descs.iter().rposition(|d| d.len > 0);
+    let mut readable = 0u64;
+    for (i, d) in descs.iter().enumerate() {
+        let len = u64::from(d.len);
+        let data = if d.writable {
+            len - u64::from(Some(i) == status_desc)
+        } else {
+            let end = readable + len;
+            let data = end.saturating_sub(readable.max(HEADER_LEN));
+            readable = end;
+            data
+        };
+        if data > u64::from(SIZE_MAX) {
+            return Err(GuestError::TooLarge.into());
+        }
+    }
+    Ok(())
+}
+
 /// A validated DISCARD / WRITE_ZEROES segment: a byte range of the disk.
 #[derive(Debug, Clone, Copy, Default)]
 struct Range {
@@ -266,9 +315,10 @@ impl Disk {
             .warn(format_args!("virtio-blk: guest error: {}", e.describe()));
     }
 
-    /// Handles one chain and returns the used length to report (bytes
-    /// written into guest memory).
-    fn handle_chain<I>(&mut self, mem: &GuestMemoryMmap, chain: I) -> u32
+    /// Handles one chain. Returns the used length to report (bytes written
+    /// into guest memory) and the sum of the lengths of the descriptors read
+    /// (an upper bound on the data the request moved).
+    fn handle_chain<I>(&mut self, mem: &GuestMemoryMmap, chain: I) -> (u32, u64)
     where
         I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
     {
@@ -280,8 +330,9 @@ impl Disk {
             writable: d.is_write_only(),
         }));
         let used = self.handle_descs(mem, &descs);
+        let bytes = descs.iter().map(|d| u64::from(d.len)).sum();
         self.descs = descs;
-        used
+        (used, bytes)
     }
 
     fn handle_descs(&mut self, mem: &GuestMemoryMmap, descs: &[Desc]) -> u32 {
@@ -349,6 +400,10 @@ impl Disk {
         // The status byte is the last writable byte (checked by the caller).
         let data_in = readable - HEADER_LEN;
         let data_out = writable - 1;
+        if data_in + data_out > MAX_REQUEST_BYTES {
+            return Err(GuestError::TooLarge.into());
+        }
+        check_segment_sizes(descs)?;
 
         let mut header = [0u8; HEADER_LEN as usize];
         let mut filled = 0usize;
@@ -370,7 +425,8 @@ impl Disk {
                 }
                 let offset = self.check_io(sector, data_out)?;
                 self.read_into_guest(mem, descs, offset, data_out)?;
-                // data_out fits: the chain iterator stops at 4 GiB in all.
+                // Never clamps: data_out <= MAX_REQUEST_BYTES < 4 GiB (checked
+                // above).
                 Ok((
                     VIRTIO_BLK_S_OK as u8,
                     u32::try_from(data_out).unwrap_or(u32::MAX),
@@ -723,6 +779,7 @@ impl Block {
     fn config_bytes(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         let mut put32 = |off: usize, v: u32| c[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        put32(8, SIZE_MAX);
         put32(12, SEG_MAX);
         put32(20, SECTOR_SIZE as u32);
         if !self.disk.read_only {
@@ -737,8 +794,14 @@ impl Block {
         c
     }
 
-    /// Processes every available request. Returns whether used entries
-    /// were added. Interrupts the guest when the queue asks for it.
+    /// Processes the available requests, up to [`MAX_CHAINS_PER_EVENT`] of
+    /// them or until [`MAX_BYTES_PER_EVENT`] is crossed: a guest refilling
+    /// the ring from another vCPU must not keep the event loop here. When
+    /// the budget runs out the queue eventfd is written, so the event loop
+    /// comes back after serving everything else; notifications stay
+    /// disabled meanwhile (the device will look at the ring anyway).
+    /// Returns whether used entries were added. Interrupts the guest when
+    /// the queue asks for it.
     fn process_queue(&mut self) -> bool {
         if self.broken {
             return false;
@@ -749,6 +812,8 @@ impl Block {
         let mut used_any = false;
         let mut failed = false;
         let mut idle_rounds = 0u32;
+        let mut chains_left = MAX_CHAINS_PER_EVENT;
+        let mut bytes_left = MAX_BYTES_PER_EVENT;
         loop {
             if let Err(e) = active.queue.disable_notification(&active.mem) {
                 self.queue_error
@@ -757,8 +822,12 @@ impl Block {
                 break;
             }
             let mut popped = false;
-            while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+            while chains_left > 0 && bytes_left > 0 {
+                let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
+                    break;
+                };
                 popped = true;
+                chains_left -= 1;
                 let head = chain.head_index();
                 if head >= active.queue.size() {
                     // Nothing in the chain can be read and the head cannot go
@@ -766,7 +835,8 @@ impl Block {
                     self.disk.log_guest(GuestError::BadHead);
                     continue;
                 }
-                let len = self.disk.handle_chain(&active.mem, chain);
+                let (len, bytes) = self.disk.handle_chain(&active.mem, chain);
+                bytes_left = bytes_left.saturating_sub(bytes);
                 if let Err(e) = active.queue.add_used(&active.mem, head, len) {
                     self.queue_error
                         .warn(format_args!("virtio-blk: cannot return a request: {e}"));
@@ -776,6 +846,15 @@ impl Block {
                 used_any = true;
             }
             if failed {
+                break;
+            }
+            if chains_left == 0 || bytes_left == 0 {
+                // Yield. The write fails only when the counter is about to
+                // overflow, that is when the eventfd is readable anyway.
+                if let Err(e) = self.queue_evts[0].write(1) {
+                    self.queue_error
+                        .warn(format_args!("virtio-blk: cannot re-arm the queue: {e}"));
+                }
                 break;
             }
             match active.queue.enable_notification(&active.mem) {
@@ -842,6 +921,7 @@ impl VirtioDevice for Block {
     fn avail_features(&self) -> u64 {
         let mut f = (1u64 << VIRTIO_F_VERSION_1)
             | (1u64 << VIRTIO_BLK_F_FLUSH)
+            | (1u64 << VIRTIO_BLK_F_SIZE_MAX)
             | (1u64 << VIRTIO_BLK_F_SEG_MAX)
             | (1u64 << VIRTIO_BLK_F_BLK_SIZE);
         if self.disk.read_only {
@@ -1120,7 +1200,7 @@ mod tests {
         assert_eq!(blk.queue_events().len(), 1);
         assert_eq!(blk.capacity(), SECTORS);
         assert_eq!(read_cfg(&blk, 0, 8), SECTORS.to_le_bytes());
-        assert_eq!(read_cfg(&blk, 8, 4), [0; 4], "size_max");
+        assert_eq!(read_cfg(&blk, 8, 4), (1u32 << 20).to_le_bytes(), "size_max");
         assert_eq!(read_cfg(&blk, 12, 4), 254u32.to_le_bytes(), "seg_max");
         assert_eq!(read_cfg(&blk, 20, 4), 512u32.to_le_bytes(), "blk_size");
         assert_eq!(read_cfg(&blk, 36, 4), MAX_DISCARD_SECTORS.to_le_bytes());
@@ -1158,6 +1238,7 @@ mod tests {
         let img = Image::new(IMAGE_SIZE);
         let base = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE);
         let rw = Block::new(&img.0, false).unwrap();
@@ -1302,6 +1383,176 @@ mod tests {
         assert_eq!(h.used_idx(), 3);
         assert_eq!(h.get(STATUS, 3), [OK; 3]);
         assert!(!h.blk.process_queue(), "nothing left");
+    }
+
+    /// Publishes `count` avail entries, all naming the chain at descriptor 0
+    /// (the device does not care that they are the same chain).
+    fn publish_heads(
+        mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        size: u16,
+        count: u16,
+    ) {
+        let avail = vq.avail_addr();
+        let idx: u16 = mem.read_obj(avail.unchecked_add(2)).unwrap();
+        for i in 0..count {
+            let slot = idx.wrapping_add(i) % size;
+            mem.write_obj(0u16, avail.unchecked_add(4 + 2 * u64::from(slot)))
+                .unwrap();
+        }
+        mem.write_obj(idx.wrapping_add(count), avail.unchecked_add(2))
+            .unwrap();
+    }
+
+    #[test]
+    fn wakeups_are_bounded_and_yield_through_the_queue_eventfd() {
+        // A guest refilling the ring while the device works, simulated with
+        // a queue larger than the cap (the transport would allow 256 at
+        // most): every request is served, a cap's worth per wake-up.
+        let img = Image::new(IMAGE_SIZE);
+        let mem = guest_mem();
+        let vq = MockSplitQueue::new(&mem, 1024);
+        let mut blk = Block::new(&img.0, false).unwrap();
+        activate(&mut blk, &mem, &vq);
+        let mut h = Harness { mem: &mem, vq, blk };
+        h.write_header(VIRTIO_BLK_T_FLUSH, 0);
+        h.vq.add_desc_chains(
+            &[
+                RawDescriptor::from(SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
+                RawDescriptor::from(SplitDescriptor::new(
+                    STATUS,
+                    1,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                )),
+            ],
+            0,
+        )
+        .unwrap();
+        let total = 2 * MAX_CHAINS_PER_EVENT as u16 + 44;
+        publish_heads(&mem, &h.vq, 1024, total - 1);
+        let evt = &h.blk.queue_evts[0];
+        assert!(evt.read().is_err(), "not armed yet");
+
+        for round in 1..=2u16 {
+            h.put(STATUS, &[0xff]);
+            assert!(h.blk.process_queue());
+            assert_eq!(h.used_idx(), round * MAX_CHAINS_PER_EVENT as u16);
+            assert_eq!(h.status(), OK);
+            assert_eq!(h.blk.queue_evts[0].read().unwrap(), 1, "re-armed");
+        }
+        assert!(h.blk.process_queue());
+        assert_eq!(h.used_idx(), total);
+        assert!(h.blk.queue_evts[0].read().is_err(), "done: not re-armed");
+        assert!(!h.blk.process_queue());
+        assert!(!h.blk.needs_reset());
+        // Notifications are back on: the queue works as before.
+        assert_eq!(h.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
+    }
+
+    #[test]
+    fn wakeups_yield_after_a_byte_budget() {
+        // 1 MiB reads: the wake-up stops once 64 MiB of buffers are done.
+        let img = Image::new(IMAGE_SIZE);
+        let mem = guest_mem();
+        let mut h = Harness::new(&mem, &img, false);
+        h.write_header(VIRTIO_BLK_T_IN, 0);
+        let mb = IMAGE_SIZE as u32;
+        h.vq.add_desc_chains(
+            &[
+                RawDescriptor::from(SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
+                RawDescriptor::from(SplitDescriptor::new(
+                    DATA2,
+                    mb,
+                    (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+                    2,
+                )),
+                RawDescriptor::from(SplitDescriptor::new(
+                    STATUS,
+                    1,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                )),
+            ],
+            0,
+        )
+        .unwrap();
+        publish_heads(&mem, &h.vq, QUEUE_SIZE, 99);
+        let per_wakeup = (MAX_BYTES_PER_EVENT).div_ceil(u64::from(mb) + 17) as u16;
+        assert!(h.blk.process_queue());
+        assert_eq!(h.used_idx(), per_wakeup);
+        assert_eq!(h.blk.queue_evts[0].read().unwrap(), 1, "re-armed");
+        assert!(h.blk.process_queue());
+        assert_eq!(h.used_idx(), 100);
+        assert!(h.blk.queue_evts[0].read().is_err());
+        assert_eq!(h.status(), OK);
+    }
+
+    #[test]
+    fn requests_over_size_max_or_seg_max_fail_untouched() {
+        // A disk larger than any request, so only the size limits apply.
+        let img = Image::new(256 << 20);
+        let mem = guest_mem();
+        let mut h = Harness::new(&mem, &img, false);
+        let mb = SIZE_MAX;
+        let out = VIRTIO_BLK_T_OUT;
+        let inn = VIRTIO_BLK_T_IN;
+        h.put(DATA, &vec![0x5a; mb as usize + 512]);
+        h.put(DATA2, &vec![0x11; mb as usize + 512]);
+
+        // One segment over size_max, either way.
+        assert_eq!(h.request(out, 0, &[(DATA, mb + 512, R)]), (IOERR, 1));
+        assert_eq!(h.request(inn, 0, &[(DATA2, mb + 512, W)]), (IOERR, 1));
+        assert_eq!(
+            h.get(DATA2, mb as usize + 512),
+            vec![0x11; mb as usize + 512]
+        );
+        // A full segment is fine, and so is the status byte sharing one.
+        assert_eq!(h.request(inn, 8, &[(DATA2, mb, W)]), (OK, mb + 1));
+        h.write_header(inn, 8);
+        assert_eq!(h.run_chain(&[(HDR, 16, R), (DATA2, mb + 1, W)]), mb + 1);
+        assert_eq!(h.get(DATA2 + u64::from(mb), 1), [OK]);
+        h.write_header(inn, 8);
+        assert_eq!(h.run_chain(&[(HDR, 16, R), (DATA2, mb + 2, W)]), 1);
+        assert_eq!(h.get(DATA2 + u64::from(mb) + 1, 1), [IOERR]);
+
+        // In all over seg_max * size_max (255 MiB in 256 descriptors, the
+        // status sharing the last one), or exactly at it.
+        let mut big = vec![(DATA2, mb, W); SEG_MAX as usize];
+        big.push((DATA2, mb + 1, W));
+        h.write_header(inn, 0);
+        let mut chain = vec![(HDR, 16, R)];
+        chain.extend_from_slice(&big);
+        h.put(DATA2, &[0x11; 16]);
+        h.put(DATA2 + u64::from(mb), &[0xff]);
+        assert_eq!(h.run_chain(&chain), 1);
+        assert_eq!(h.get(DATA2 + u64::from(mb), 1), [IOERR]);
+        assert_eq!(h.get(DATA2, 16), [0x11; 16], "nothing read");
+        let ok = vec![(DATA2, mb, W); SEG_MAX as usize];
+        assert_eq!(
+            h.request(inn, 0, &ok),
+            (OK, SEG_MAX * mb + 1),
+            "seg_max * size_max is allowed"
+        );
+        // The same for a write, with the header sharing the first segment.
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&out.to_le_bytes());
+        buf.extend_from_slice(&[0; 12]);
+        h.put(DATA - 16, &buf);
+        let mut chain = vec![(DATA - 16, mb + 16, R)];
+        chain.extend(vec![(DATA, mb, R); SEG_MAX as usize]);
+        chain.push((STATUS, 1, W));
+        h.put(STATUS, &[0xff]);
+        assert_eq!(h.run_chain(&chain), 1);
+        assert_eq!(h.status(), IOERR);
+        assert!(img.contents().iter().all(|&b| b == 0), "file untouched");
+
+        // The header may share a full segment too.
+        assert_eq!(h.run_chain(&[(DATA - 16, mb + 16, R), (STATUS, 1, W)]), 1);
+        assert_eq!(h.status(), OK);
+        let file = img.contents();
+        assert!(file[..mb as usize].iter().all(|&b| b == 0x5a));
+        assert!(file[mb as usize..].iter().all(|&b| b == 0));
     }
 
     #[test]

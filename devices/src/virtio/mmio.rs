@@ -69,6 +69,10 @@ pub mod status {
 /// One virtio device behind its MMIO register file.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
+    // Fixed for the device's life: read once so that guest register reads
+    // do not wait on the device lock (held by the event loop during I/O).
+    device_type: u32,
+    avail_features: u64,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     device_status: u32,
@@ -95,13 +99,19 @@ impl MmioTransport {
         device: Arc<Mutex<dyn VirtioDevice>>,
         interrupt: Arc<Interrupt>,
     ) -> Result<Self, virtio_queue::Error> {
-        let queues = lock(&device)
-            .queue_max_sizes()
-            .iter()
-            .map(|&max| Queue::new(max))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (queues, device_type, avail_features) = {
+            let dev = lock(&device);
+            let queues = dev
+                .queue_max_sizes()
+                .iter()
+                .map(|&max| Queue::new(max))
+                .collect::<Result<Vec<_>, _>>()?;
+            (queues, dev.device_type(), dev.avail_features())
+        };
         Ok(MmioTransport {
             device,
+            device_type,
+            avail_features,
             mem,
             interrupt,
             device_status: 0,
@@ -235,7 +245,7 @@ impl MmioTransport {
         let new = v & !self.device_status;
         let mut accepted = v & !status::DEVICE_NEEDS_RESET;
         if new & status::FEATURES_OK != 0 {
-            let avail = lock(&self.device).avail_features();
+            let avail = self.avail_features;
             let version_1 = 1u64 << VIRTIO_F_VERSION_1;
             if self.acked_unoffered
                 || self.acked_features & !avail != 0
@@ -262,10 +272,10 @@ impl MmioTransport {
         match offset {
             REG_MAGIC => MAGIC_VALUE,
             REG_VERSION => MMIO_VERSION,
-            REG_DEVICE_ID => lock(&self.device).device_type(),
+            REG_DEVICE_ID => self.device_type,
             REG_VENDOR_ID => VENDOR_ID,
             REG_DEVICE_FEATURES => {
-                let f = lock(&self.device).avail_features();
+                let f = self.avail_features;
                 match self.device_features_sel {
                     0 => f as u32,
                     1 => (f >> 32) as u32,

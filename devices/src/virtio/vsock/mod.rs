@@ -64,6 +64,11 @@ pub const NUM_QUEUES: usize = 3;
 pub const QUEUE_SIZE: u16 = 256;
 /// Lowest CID a guest may have (0-2 are reserved).
 pub const MIN_GUEST_CID: u64 = 3;
+/// Most descriptor chains taken from one queue per event. A guest refilling
+/// a ring from another vCPU as fast as we empty it must not keep the event
+/// loop (other devices, signals) waiting: past this, the device kicks its
+/// own queue eventfd and comes back on the next round.
+pub const MAX_CHAINS_PER_EVENT: usize = QUEUE_SIZE as usize;
 
 /// Errors creating a vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +115,9 @@ pub struct Vsock {
     active: Option<Active>,
     /// TX processing paused until RX drains the reset queue.
     tx_stalled: bool,
+    /// Chains taken per queue per event ([`MAX_CHAINS_PER_EVENT`]; tests
+    /// lower it).
+    batch: usize,
     bad_rx_chain: LogOnce,
     bad_queue: LogOnce,
     timer_error: LogOnce,
@@ -143,6 +151,7 @@ impl Vsock {
             queue_evts_watched: false,
             active: None,
             tx_stalled: false,
+            batch: MAX_CHAINS_PER_EVENT,
             bad_rx_chain: LogOnce::new(),
             bad_queue: LogOnce::new(),
             timer_error: LogOnce::new(),
@@ -166,7 +175,8 @@ impl Vsock {
 
     /// Process the guest's TX queue: hand every packet to the muxer and
     /// return every chain. Stops early (and remembers it) while the reset
-    /// queue is full.
+    /// queue is full; takes at most `batch` chains, and if more are waiting
+    /// kicks the TX eventfd to come back after the other events.
     fn process_tx(&mut self, now: Instant) {
         let Some(a) = self.active.as_mut() else {
             return;
@@ -174,15 +184,23 @@ impl Vsock {
         let mem = &a.mem;
         let q = &mut a.queues[TXQ];
         let mut used = false;
+        let mut taken = 0;
         self.tx_stalled = false;
         loop {
             if !self.muxer.can_take_tx() {
                 self.tx_stalled = true;
                 break;
             }
+            if taken >= self.batch {
+                if ring_has_more(q, mem) {
+                    yield_queue(&self.queue_evts[TXQ], &self.bad_queue);
+                }
+                break;
+            }
             let Some(mut chain) = q.pop_descriptor_chain(mem) else {
                 break;
             };
+            taken += 1;
             let head = chain.head_index();
             let probe = chain.clone();
             match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
@@ -209,7 +227,10 @@ impl Vsock {
         }
     }
 
-    /// Fill RX buffers with what the muxer has for the guest.
+    /// Fill RX buffers with what the muxer has for the guest: at most
+    /// `batch` of them, kicking the RX eventfd to come back if there is
+    /// more to deliver (host data can keep coming as fast as the guest
+    /// hands out buffers).
     fn process_rx(&mut self, now: Instant) {
         let Some(a) = self.active.as_mut() else {
             return;
@@ -217,10 +238,18 @@ impl Vsock {
         let mem = &a.mem;
         let q = &mut a.queues[RXQ];
         let mut used = false;
+        let mut taken = 0;
         while self.muxer.has_rx_work() {
+            if taken >= self.batch {
+                if ring_has_more(q, mem) {
+                    yield_queue(&self.queue_evts[RXQ], &self.bad_queue);
+                }
+                break;
+            }
             let Some(mut chain) = q.pop_descriptor_chain(mem) else {
                 break;
             };
+            taken += 1;
             let head = chain.head_index();
             let len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
                 Ok(mut pkt) => match self.muxer.fill_rx(&mut pkt, now) {
@@ -315,6 +344,21 @@ impl Vsock {
     }
 }
 
+/// Whether the driver made chains available that the device has not taken
+/// (assumed so if the ring cannot be read).
+fn ring_has_more(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_or(true, |idx| idx != std::num::Wrapping(q.next_avail()))
+}
+
+/// Come back to a queue on the next event-loop round (its eventfd is
+/// level-triggered in epoll).
+fn yield_queue(evt: &EventFd, log: &LogOnce) {
+    if let Err(e) = evt.write(1) {
+        log.warn(format_args!("vsock: cannot re-arm a queue eventfd: {e}"));
+    }
+}
+
 impl Drop for Vsock {
     fn drop(&mut self) {
         // The listener is ours; leave no stale socket behind.
@@ -367,7 +411,12 @@ impl VirtioDevice for Vsock {
             queues: ctx.queues,
         });
         self.tx_stalled = false;
-        self.activate_evt.write(1).map_err(ActivateError::EventFd)
+        if let Err(e) = self.activate_evt.write(1) {
+            // The event loop would never hear of the queues: stay inactive.
+            self.active = None;
+            return Err(ActivateError::EventFd(e));
+        }
+        Ok(())
     }
 
     fn reset(&mut self) {

@@ -14,12 +14,20 @@
 //! It never talks to epoll itself: it records which host sockets need which
 //! events, and [`Muxer::sync`] applies the difference through a
 //! [`FdWatcher`] (the event manager's `EventOps` in the device). Sockets of
-//! dropped connections stay open until then, so that an fd number is never
-//! reused while still registered.
+//! dropped connections stay open until then if epoll watches them, so
+//! that an fd number is never reused while still registered; those it never
+//! watched are closed at once. Closed-but-not-yet-unwatched sockets count
+//! against [`MAX_CONNECTIONS`], so the fds held stay bounded.
+//!
+//! Nothing here blocks: guest connections to host listeners use a
+//! non-blocking `connect` (a full listen backlog means a reset, not a hung
+//! event loop).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
-use std::io::{ErrorKind, Read};
+use std::io::{self, ErrorKind, Read};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -29,13 +37,13 @@ use event_manager::{EventOps, EventSet, Events};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::VolatileSlice;
 
-use super::connection::{write_header, ConnKey, Connection, Verdict, Violation};
+use super::connection::{write_header, ConnKey, Connection, Verdict, Violation, REQUEST_TIMEOUT};
 use super::packet::{Header, OP_CREDIT_REQUEST, OP_REQUEST, OP_RST, TYPE_STREAM, VSOCK_HOST_CID};
 use crate::virtio::LogOnce;
 
-/// Most connections (established or waiting for their `CONNECT` line) at
-/// once; past this, new host connections are closed and guest requests
-/// reset.
+/// Most connections (established, waiting for their `CONNECT` line, or
+/// closed but not yet unwatched) at once; past this, new host connections
+/// are closed and guest requests reset.
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Longest `CONNECT <port>\n` line we read.
 pub const CONNECT_LINE_MAX: usize = 32;
@@ -87,6 +95,8 @@ enum FdOwner {
 struct PendingStream {
     stream: UnixStream,
     line: Vec<u8>,
+    /// When we give up waiting for the line.
+    deadline: Instant,
 }
 
 /// Once-only warnings, one per class of guest or host misbehaviour.
@@ -105,6 +115,9 @@ struct Logs {
     rst_overflow: LogOnce,
     epoll: LogOnce,
     accept: LogOnce,
+    refused: LogOnce,
+    timeout: LogOnce,
+    connect_timeout: LogOnce,
 }
 
 /// The multiplexer.
@@ -126,9 +139,10 @@ pub struct Muxer {
     watched: HashMap<RawFd, EventSet>,
     /// Fds whose interest may have changed since the last sync.
     dirty: HashSet<RawFd>,
-    /// Sockets of dropped connections, closed at the next sync.
+    /// Sockets of dropped connections that epoll still watches, closed at
+    /// the next sync.
     graveyard: Vec<UnixStream>,
-    /// Some connection may have a deadline.
+    /// Some connection (or pending host connection) may have a deadline.
     deadlines: bool,
     /// The listener is not watched: accepting failed (out of fds?), and
     /// watching a listener we cannot drain would spin the event loop. Any
@@ -175,6 +189,29 @@ impl Muxer {
     /// Live connections.
     pub fn conn_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Host connections still waiting for their `CONNECT` line.
+    #[cfg(test)]
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Sockets held: connections, pending host connections, and closed
+    /// ones still waiting to be unwatched.
+    fn slots_used(&self) -> usize {
+        self.conns.len() + self.pending.len() + self.graveyard.len()
+    }
+
+    /// Close the socket of a dropped connection: at once if epoll never
+    /// watched it, else at the next sync (after unwatching it).
+    fn bury(&mut self, stream: UnixStream) {
+        let fd = stream.as_raw_fd();
+        self.dirty.remove(&fd);
+        if self.watched.contains_key(&fd) {
+            self.graveyard.push(stream);
+        }
+        // Otherwise dropped (closed) here.
     }
 
     /// Whether some packet waits for an RX buffer.
@@ -242,7 +279,7 @@ impl Muxer {
                 ..Header::default()
             });
         }
-        self.graveyard.push(conn.stream);
+        self.bury(conn.stream);
         self.resume_listener();
     }
 
@@ -268,7 +305,7 @@ impl Muxer {
     }
 
     /// Accept host connections waiting on the listener.
-    pub fn accept(&mut self) {
+    pub fn accept(&mut self, now: Instant) {
         for _ in 0..ACCEPT_BATCH {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -283,7 +320,7 @@ impl Muxer {
                     return;
                 }
             };
-            if self.conns.len() + self.pending.len() >= MAX_CONNECTIONS {
+            if self.slots_used() >= MAX_CONNECTIONS {
                 self.logs.too_many.warn(format_args!(
                     "vsock: {MAX_CONNECTIONS} connections open; refusing more"
                 ));
@@ -298,19 +335,21 @@ impl Muxer {
                 PendingStream {
                     stream,
                     line: Vec::with_capacity(CONNECT_LINE_MAX),
+                    deadline: now + REQUEST_TIMEOUT,
                 },
             );
             self.fds.insert(fd, FdOwner::Pending);
             self.dirty.insert(fd);
+            self.deadlines = true;
             // The line is often there already.
-            self.read_connect_line(fd, Instant::now());
+            self.read_connect_line(fd, now);
         }
     }
 
     fn drop_pending(&mut self, fd: RawFd) {
         if let Some(p) = self.pending.remove(&fd) {
             self.fds.remove(&fd);
-            self.graveyard.push(p.stream);
+            self.bury(p.stream);
             self.resume_listener();
         }
     }
@@ -361,8 +400,9 @@ impl Muxer {
             return;
         };
         let Some(local_port) = self.allocate_local_port(port) else {
-            self.graveyard.push(p.stream);
             self.fds.remove(&fd);
+            self.bury(p.stream);
+            self.resume_listener();
             return;
         };
         let key = ConnKey {
@@ -397,7 +437,7 @@ impl Muxer {
     /// A host socket (`fd`) reported `set`.
     pub fn handle_fd_event(&mut self, fd: RawFd, set: EventSet, now: Instant) {
         match self.fds.get(&fd).copied() {
-            Some(FdOwner::Listener) => self.accept(),
+            Some(FdOwner::Listener) => self.accept(now),
             Some(FdOwner::Pending) => self.read_connect_line(fd, now),
             Some(FdOwner::Conn(key)) => {
                 let verdict = match self.conns.get_mut(&key) {
@@ -501,8 +541,11 @@ impl Muxer {
 
     /// The guest asks for host port `hdr.dst_port`: connect to
     /// `<uds_path>_<port>`.
+    ///
+    /// The connect does not block: a listener whose backlog is full refuses
+    /// (the guest gets a reset) instead of stalling the event loop.
     fn guest_connect(&mut self, hdr: &Header, key: ConnKey) {
-        if self.conns.len() + self.pending.len() >= MAX_CONNECTIONS {
+        if self.slots_used() >= MAX_CONNECTIONS {
             self.logs.too_many.warn(format_args!(
                 "vsock: {MAX_CONNECTIONS} connections open; refusing more"
             ));
@@ -510,8 +553,7 @@ impl Muxer {
             return;
         }
         let path = self.port_path(key.local_port);
-        let stream = UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s));
-        match stream {
+        match connect_nonblocking(&path) {
             Ok(stream) => {
                 let fd = stream.as_raw_fd();
                 self.fds.insert(fd, FdOwner::Conn(key));
@@ -520,10 +562,10 @@ impl Muxer {
                 self.schedule(key);
             }
             Err(e) => {
-                tracing::debug!(
+                self.logs.refused.warn(format_args!(
                     "vsock: guest connection to {} refused: {e}",
-                    Path::new(&path).display()
-                );
+                    path.display()
+                ));
                 self.reply_rst(hdr);
             }
         }
@@ -563,7 +605,8 @@ impl Muxer {
         }
     }
 
-    /// Reset the connections whose wait timed out.
+    /// Reset the connections whose wait timed out, and close the host
+    /// connections that sent no `CONNECT` line in time.
     pub fn sweep(&mut self, now: Instant) {
         let expired: Vec<ConnKey> = self
             .conns
@@ -572,28 +615,45 @@ impl Muxer {
             .map(|c| c.key)
             .collect();
         for key in expired {
-            tracing::debug!("vsock: connection {key:?} timed out");
+            self.logs.timeout.warn(format_args!(
+                "vsock: connection {}:{} timed out",
+                key.local_port, key.peer_port
+            ));
             self.remove_conn(key, true);
+        }
+        let stale: Vec<RawFd> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now >= p.deadline)
+            .map(|(&fd, _)| fd)
+            .collect();
+        for fd in stale {
+            self.logs.connect_timeout.warn(format_args!(
+                "vsock: host connection sent no CONNECT line in {REQUEST_TIMEOUT:?}; closing"
+            ));
+            self.drop_pending(fd);
         }
     }
 
-    /// The earliest connection deadline, if any.
+    /// The earliest deadline (of a connection or a pending host
+    /// connection), if any.
     pub fn next_deadline(&mut self) -> Option<Instant> {
         if !self.deadlines {
             return None;
         }
-        let next = self.conns.values().filter_map(|c| c.deadline).min();
+        let conns = self.conns.values().filter_map(|c| c.deadline);
+        let pending = self.pending.values().map(|p| p.deadline);
+        let next = conns.chain(pending).min();
         self.deadlines = next.is_some();
         next
     }
 
     /// Close every connection (device reset).
     pub fn reset(&mut self) {
-        for (_, conn) in self.conns.drain() {
-            self.graveyard.push(conn.stream);
-        }
-        for (_, p) in self.pending.drain() {
-            self.graveyard.push(p.stream);
+        let conns: Vec<UnixStream> = self.conns.drain().map(|(_, c)| c.stream).collect();
+        let pending: Vec<UnixStream> = self.pending.drain().map(|(_, p)| p.stream).collect();
+        for stream in conns.into_iter().chain(pending) {
+            self.bury(stream);
         }
         self.fds
             .retain(|_, owner| matches!(owner, FdOwner::Listener));
@@ -653,6 +713,63 @@ impl Muxer {
     }
 }
 
+/// Connect a new non-blocking, close-on-exec Unix stream socket to `path`
+/// without ever waiting: a listener with a full backlog gives `EAGAIN`, a
+/// missing one `ENOENT` or `ECONNREFUSED`, all returned as errors.
+///
+/// (`UnixStream::connect` blocks until the listener's backlog has room,
+/// which a guest could make last forever.)
+pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: `sockaddr_un` is plain integers and a byte array; all zeroes
+    // is a valid value (and leaves the path NUL-terminated below).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    // Room for the path and its terminating NUL; no NUL inside (it would
+    // silently name another socket).
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            "unusable Unix socket path (empty, too long, or with a NUL byte)",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: `socket` takes no pointers; it returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by `socket`, is open, and nothing else
+    // owns it; the `OwnedFd` closes it on every path below.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // One try, whatever the error (even EINTR): the guest gets a reset and
+    // may try again.
+    // SAFETY: `addr` is a fully initialised `sockaddr_un` that outlives the
+    // call, and `len` is its size; `connect` only reads it. `fd` is an open
+    // socket that we own.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(UnixStream::from(fd))
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Parse `CONNECT <port>\n` (the command case-insensitive, as Firecracker).
 fn parse_connect(line: &[u8]) -> Option<u32> {
     let text = std::str::from_utf8(line).ok()?;
@@ -667,6 +784,179 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    use vmm_sys_util::tempdir::TempDir;
+
+    fn tmp() -> TempDir {
+        TempDir::new_with_prefix("/tmp/ks-vsock-mux-").unwrap()
+    }
+
+    #[test]
+    fn nonblocking_connect_reaches_a_listener() {
+        let dir = tmp();
+        let path = dir.as_path().join("l.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut s = connect_nonblocking(&path).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        s.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        peer.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hi");
+        // Non-blocking: nothing to read is WouldBlock, not a wait.
+        let err = s.read(&mut b).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn nonblocking_connect_to_nothing_fails() {
+        let dir = tmp();
+        let err = connect_nonblocking(&dir.as_path().join("missing")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        // A socket file nobody listens on any more.
+        let path = dir.as_path().join("dead.sock");
+        drop(UnixListener::bind(&path).unwrap());
+        let err = connect_nonblocking(&path).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ECONNREFUSED));
+        // Paths that do not fit sun_path (with its NUL), or hold a NUL.
+        let long = dir.as_path().join("x".repeat(200));
+        let err = connect_nonblocking(&long).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        let err = connect_nonblocking(Path::new("/tmp/a\0b")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        let err = connect_nonblocking(Path::new("")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn nonblocking_connect_to_a_full_backlog_fails_at_once() {
+        let dir = tmp();
+        let path = dir.as_path().join("full.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        // SAFETY: `listener` owns an open, listening socket; calling
+        // `listen` again only shrinks its backlog.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let (tx, rx) = mpsc::channel();
+        let p = path.clone();
+        // In a thread, so that a connect that blocks fails the test instead
+        // of hanging it.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            let res = loop {
+                match connect_nonblocking(&p) {
+                    Ok(s) if held.len() < 64 => held.push(s),
+                    Ok(_) => break Ok(held.len()),
+                    Err(e) => break Err(e),
+                }
+            };
+            let _ = tx.send((res, held.len()));
+        });
+        let (res, accepted) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("connect blocked on a full backlog");
+        let err = res.expect_err("the backlog never filled");
+        assert_eq!(err.kind(), ErrorKind::WouldBlock, "{err}");
+        assert!(accepted >= 1, "the first connection fits");
+        drop(listener);
+    }
+
+    /// Records epoll changes.
+    #[derive(Default)]
+    struct Watcher {
+        watched: HashMap<RawFd, EventSet>,
+        removed: Vec<RawFd>,
+    }
+
+    impl FdWatcher for Watcher {
+        fn add(&mut self, fd: RawFd, set: EventSet) -> Result<(), String> {
+            self.watched.insert(fd, set);
+            Ok(())
+        }
+        fn modify(&mut self, fd: RawFd, set: EventSet) -> Result<(), String> {
+            self.watched.insert(fd, set);
+            Ok(())
+        }
+        fn remove(&mut self, fd: RawFd) -> Result<(), String> {
+            self.watched.remove(&fd);
+            self.removed.push(fd);
+            Ok(())
+        }
+    }
+
+    fn muxer(dir: &TempDir) -> (Muxer, PathBuf) {
+        let path = dir.as_path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        (Muxer::new(3, &path, listener), path)
+    }
+
+    /// Whether `s` reads EOF now (not WouldBlock).
+    fn closed(s: &mut UnixStream) -> bool {
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 16];
+        match s.read(&mut b) {
+            Ok(0) => true,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unwatched_sockets_close_at_once_watched_ones_count_until_sync() {
+        let dir = tmp();
+        let (mut m, path) = muxer(&dir);
+        let mut w = Watcher::default();
+        m.sync(&mut w);
+        let now = Instant::now();
+
+        // Dropped before epoll ever saw it: closed immediately.
+        let mut a = UnixStream::connect(&path).unwrap();
+        a.write_all(b"HELLO 1\n").unwrap();
+        m.accept(now);
+        assert_eq!(m.pending_count(), 0);
+        assert!(m.graveyard.is_empty());
+        assert_eq!(m.slots_used(), 0);
+        assert!(closed(&mut a));
+
+        // Watched, then dropped: held (and counted) until the next sync.
+        let mut b = UnixStream::connect(&path).unwrap();
+        m.accept(now);
+        assert_eq!(m.pending_count(), 1);
+        m.sync(&mut w);
+        let fd = *m.pending.keys().next().unwrap();
+        assert_eq!(w.watched.get(&fd), Some(&EventSet::IN));
+        b.write_all(b"HELLO 2\n").unwrap();
+        m.handle_fd_event(fd, EventSet::IN, now);
+        assert_eq!(m.pending_count(), 0);
+        assert_eq!(m.slots_used(), 1, "the graveyard counts");
+        assert!(!closed(&mut b));
+        m.sync(&mut w);
+        assert_eq!(w.removed, vec![fd]);
+        assert_eq!(m.slots_used(), 0);
+        assert!(closed(&mut b));
+    }
+
+    #[test]
+    fn silent_host_connections_time_out() {
+        let dir = tmp();
+        let (mut m, path) = muxer(&dir);
+        let mut w = Watcher::default();
+        let now = Instant::now();
+        assert_eq!(m.next_deadline(), None);
+        let mut s = UnixStream::connect(&path).unwrap();
+        m.accept(now);
+        m.sync(&mut w);
+        assert_eq!(m.pending_count(), 1);
+        assert_eq!(m.next_deadline(), Some(now + REQUEST_TIMEOUT));
+        m.sweep(now + REQUEST_TIMEOUT - Duration::from_millis(1));
+        assert_eq!(m.pending_count(), 1);
+        m.sweep(now + REQUEST_TIMEOUT);
+        assert_eq!(m.pending_count(), 0);
+        m.sync(&mut w);
+        assert!(closed(&mut s));
+        assert_eq!(m.next_deadline(), None);
+    }
 
     #[test]
     fn connect_lines() {

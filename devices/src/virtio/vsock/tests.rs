@@ -1085,3 +1085,183 @@ fn reset_closes_every_connection() {
     h.pump();
     let _ = &h.dir;
 }
+
+#[test]
+fn activate_that_cannot_signal_leaves_the_device_inactive() {
+    let dir = TempDir::new_with_prefix("/tmp/ks-vsock-").unwrap();
+    let mut v = Vsock::new(3, &dir.as_path().join("v.sock")).unwrap();
+    // An eventfd counter at its maximum refuses any further write.
+    v.activate_evt.write(u64::MAX - 1).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let queues = (0..NUM_QUEUES).map(|_| Queue::new(256).unwrap()).collect();
+    let err = v
+        .activate(ActivateContext {
+            mem,
+            interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            queues,
+            acked_features: 1 << VIRTIO_F_VERSION_1,
+        })
+        .unwrap_err();
+    assert!(matches!(err, crate::virtio::ActivateError::EventFd(_)));
+    assert!(!v.is_activated());
+}
+
+/// Make `n` TX chains available (resets for unknown connections: no
+/// answer owed) without kicking or running the loop.
+fn queue_silent_tx(h: &mut Harness, n: u16) {
+    for i in 0..n {
+        let addrs =
+            h.tx.add_chain(&h.mem, &[(HDR_LEN as u32, false)])
+                .expect("TX descriptors");
+        let hdr = ghdr(OP_RST, 3000 + u32::from(i), 4000);
+        h.mem.write_slice(&hdr.to_bytes(), addrs[0]).unwrap();
+    }
+}
+
+fn used_count(q: &mut DriverQueue, mem: &GuestMemoryMmap) -> usize {
+    let mut n = 0;
+    while q.pop_used(mem).is_some() {
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn tx_work_per_event_is_capped_and_resumed_on_later_rounds() {
+    let mut h = Harness::new();
+    h.dev.lock().unwrap().batch = 8;
+    queue_silent_tx(&mut h, 20);
+    h.tx_kick.write(1).unwrap();
+    // Each round of the event loop takes one batch and re-arms the TX
+    // eventfd while chains are left.
+    assert_eq!(h.em.run_with_timeout(0).unwrap(), 1);
+    assert_eq!(used_count(&mut h.tx, &h.mem), 8);
+    assert_eq!(h.em.run_with_timeout(0).unwrap(), 1, "TX eventfd re-armed");
+    assert_eq!(used_count(&mut h.tx, &h.mem), 8);
+    assert_eq!(h.em.run_with_timeout(0).unwrap(), 1, "TX eventfd re-armed");
+    assert_eq!(used_count(&mut h.tx, &h.mem), 4);
+    // Nothing left: no spurious wake-up.
+    assert_eq!(h.em.run_with_timeout(0).unwrap(), 0);
+    assert_eq!(h.tx.outstanding(), 0);
+
+    // Exactly a batch: processed in one round, no re-arm.
+    queue_silent_tx(&mut h, 8);
+    h.tx_kick.write(1).unwrap();
+    assert_eq!(h.em.run_with_timeout(0).unwrap(), 1);
+    assert_eq!(used_count(&mut h.tx, &h.mem), 8);
+    assert_eq!(h.em.run_with_timeout(0).unwrap(), 0);
+}
+
+#[test]
+fn tx_cap_with_answers_delivers_everything() {
+    let mut h = Harness::new();
+    h.dev.lock().unwrap().batch = 4;
+    // Requests to ports nobody listens on: one reset each.
+    for i in 0..10u32 {
+        let addrs =
+            h.tx.add_chain(&h.mem, &[(HDR_LEN as u32, false)])
+                .expect("TX descriptors");
+        let hdr = ghdr(OP_REQUEST, 5000 + i, 6000 + i);
+        h.mem.write_slice(&hdr.to_bytes(), addrs[0]).unwrap();
+    }
+    h.tx_kick.write(1).unwrap();
+    h.pump();
+    assert_eq!(h.tx.outstanding(), 0);
+    let mut ports: Vec<u32> = (0..10)
+        .map(|_| h.recv().0)
+        .map(|p| {
+            assert_eq!(p.op, OP_RST);
+            p.dst_port
+        })
+        .collect();
+    ports.sort_unstable();
+    assert_eq!(ports, (5000..5010).collect::<Vec<_>>());
+    h.expect_silence();
+}
+
+#[test]
+fn rx_work_per_event_is_capped_and_resumed_on_later_rounds() {
+    let mut h = Harness::with_rx_target(0);
+    // Ten resets owed, no RX buffer to put them in.
+    for i in 0..10u32 {
+        h.send(ghdr(OP_RW, 7000 + i, 8000), b"x");
+    }
+    assert!(h.received.is_empty());
+    h.dev.lock().unwrap().batch = 4;
+    h.rx_target = 16;
+    h.refill_rx();
+    h.rx_target = 0;
+    assert_eq!(h.em.run_with_timeout(0).unwrap(), 1);
+    assert_eq!(used_count(&mut h.rx, &h.mem), 4);
+    assert_eq!(h.em.run_with_timeout(0).unwrap(), 1, "RX eventfd re-armed");
+    assert_eq!(used_count(&mut h.rx, &h.mem), 4);
+    assert_eq!(h.em.run_with_timeout(0).unwrap(), 1, "RX eventfd re-armed");
+    assert_eq!(used_count(&mut h.rx, &h.mem), 2);
+    assert_eq!(h.em.run_with_timeout(0).unwrap(), 0);
+}
+
+#[test]
+fn host_connection_without_connect_line_times_out() {
+    let mut h = Harness::new();
+    let mut s = UnixStream::connect(&h.uds).unwrap();
+    h.pump();
+    // Still waiting for its line.
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).unwrap_err().kind(), ErrorKind::WouldBlock);
+    h.dev
+        .lock()
+        .unwrap()
+        .sweep(Instant::now() + REQUEST_TIMEOUT);
+    // The socket was watched: it is closed once the loop next runs.
+    h.rx_kick.write(1).unwrap();
+    assert!(h.host_sees_eof(&mut s).is_empty());
+    h.expect_silence();
+    assert_eq!(h.conns(), 0);
+}
+
+#[test]
+fn host_connection_without_connect_line_times_out_on_the_real_timer() {
+    let mut h = Harness::new();
+    let mut s = UnixStream::connect(&h.uds).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let end = Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(2);
+    let mut b = [0u8; 1];
+    loop {
+        h.pump_for(Duration::from_millis(50));
+        match s.read(&mut b) {
+            Ok(0) => break,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            Instant::now() < end,
+            "the silent connection was never closed"
+        );
+    }
+}
+
+#[test]
+fn guest_connect_to_a_full_backlog_is_reset_without_blocking() {
+    let mut h = Harness::new();
+    let path = format!("{}_5100", h.uds.display());
+    let listener = UnixListener::bind(&path).unwrap();
+    // SAFETY: `listener` owns an open, listening socket; listening again
+    // only shrinks its backlog.
+    assert_eq!(
+        unsafe { libc::listen(std::os::unix::io::AsRawFd::as_raw_fd(&listener), 0) },
+        0
+    );
+    // Fill the backlog (never accepted).
+    let mut held = Vec::new();
+    while let Ok(s) = muxer::connect_nonblocking(std::path::Path::new(&path)) {
+        held.push(s);
+        assert!(held.len() < 64, "the backlog never filled");
+    }
+    let start = Instant::now();
+    h.send(ghdr(OP_REQUEST, 1026, 5100), &[]);
+    let (p, _) = h.recv();
+    assert_eq!((p.op, p.src_port, p.dst_port), (OP_RST, 5100, 1026));
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(h.conns(), 0);
+}

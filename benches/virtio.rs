@@ -177,7 +177,10 @@ fn vsock_bulk(elf: &str, kib: usize) -> f64 {
     mib_s(total as u64, last - first.expect("data"))
 }
 
-fn vsock_rtt(elf: &str, rounds: usize) -> (f64, f64, f64) {
+/// Round trips of 1 byte, then `echo_kib` KiB echoed through the guest
+/// (host→guest→host) on the same connection: (min, median, max) µs and the
+/// echo throughput in MiB/s.
+fn vsock_rtt(elf: &str, rounds: usize, echo_kib: usize) -> ((f64, f64, f64), f64) {
     let dir = scratch("vsock-rtt");
     let uds = dir.join("v.sock");
     let spec = format!("3,{}", uds.display());
@@ -207,15 +210,36 @@ fn vsock_rtt(elf: &str, rounds: usize) -> (f64, f64, f64) {
         samples.push(t.elapsed().as_secs_f64() * 1e6);
         assert_eq!(b[0], i as u8);
     }
+    let total = echo_kib * 1024;
+    let mut writer = s.try_clone().expect("clone");
+    let t = Instant::now();
+    let feeder = std::thread::spawn(move || {
+        let chunk: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        for _ in 0..total / chunk.len() {
+            writer.write_all(&chunk).expect("send");
+        }
+    });
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 65536];
+    while got < total {
+        let n = s.read(&mut buf).expect("echo");
+        assert!(n > 0, "echo ended early at {got}");
+        got += n;
+    }
+    let echo = mib_s(total as u64, t.elapsed());
+    feeder.join().expect("feeder");
     s.shutdown(std::net::Shutdown::Both).expect("shutdown");
     drop(s);
     vm.finish();
     let _ = std::fs::remove_dir_all(&dir);
     samples.sort_by(|a, b| a.total_cmp(b));
     (
-        samples[0],
-        samples[samples.len() / 2],
-        samples[samples.len() - 1],
+        (
+            samples[0],
+            samples[samples.len() / 2],
+            samples[samples.len() - 1],
+        ),
+        echo,
     )
 }
 
@@ -245,7 +269,7 @@ fn main() {
 
     let blk_rows = blk(&elf, blk_mib, 128);
     let bulk = vsock_bulk(&elf, vsock_kib);
-    let (rtt_min, rtt_med, rtt_max) = vsock_rtt(&elf, rtt);
+    let ((rtt_min, rtt_med, rtt_max), echo) = vsock_rtt(&elf, rtt, vsock_kib);
 
     println!(
         "\nkeystone-vmm virtio benchmark: probe guest{}\n",
@@ -269,6 +293,12 @@ fn main() {
     println!(
         "| {:<52} | {bulk:>10.2} | {:>10} | {:>7} |",
         format!("virtio-vsock guest->host, {vsock_kib} KiB (MiB/s)"),
+        "",
+        ""
+    );
+    println!(
+        "| {:<52} | {echo:>10.2} | {:>10} | {:>7} |",
+        format!("virtio-vsock host->guest->host echo, {vsock_kib} KiB (MiB/s)"),
         "",
         ""
     );

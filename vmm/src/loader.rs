@@ -197,6 +197,44 @@ mod tests {
     }
 
     #[test]
+    fn bzimage_is_loaded_at_code32_start_and_entered_at_plus_0x200() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let dir = std::env::temp_dir().join(format!("ks-bz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bzImage");
+        // One setup sector plus the boot sector, then the protected-mode part.
+        let mut img = vec![0u8; 1024];
+        img[0x1f1] = 1; // setup_sects
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // version
+        img[0x211] = 1; // loadflags: LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        img.extend_from_slice(&payload);
+        std::fs::write(&p, &img).unwrap();
+
+        assert_eq!(detect_kernel_format(&p).unwrap(), KernelFormat::BzImage);
+        let k = load_kernel(&mem, &p, KernelFormat::BzImage).unwrap();
+        assert_eq!(k.entry, 0x10_0200);
+        assert_eq!(k.end, 0x10_0000 + 4096);
+        let hdr = k.setup_header.expect("setup header");
+        let version = hdr.version;
+        assert_eq!(version, 0x020f);
+        let mut back = vec![0u8; 4096];
+        mem.read_slice(&mut back, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(back, payload);
+
+        // A protocol older than 2.00 is refused, not loaded.
+        img[0x206..0x208].copy_from_slice(&0x0100u16.to_le_bytes());
+        std::fs::write(&p, &img).unwrap();
+        assert!(matches!(
+            load_kernel(&mem, &p, KernelFormat::BzImage),
+            Err(LoaderError::Kernel(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn initrd_goes_to_the_top_of_low_memory() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let dir = std::env::temp_dir().join(format!("ks-initrd-{}", std::process::id()));

@@ -55,6 +55,10 @@ pub struct Cli {
     /// Hide VMX/SVM from the guest's CPUID (no nested virtualization).
     #[arg(long)]
     pub no_nested: bool,
+    /// Run without seccomp filters (debugging only: the VMM then has the
+    /// whole syscall surface of the host kernel).
+    #[arg(long)]
+    pub no_seccomp: bool,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
@@ -114,6 +118,8 @@ pub struct VmConfig {
     pub no_nested: bool,
     /// Boot timer device present.
     pub boot_timer: bool,
+    /// Install the per-thread seccomp filters (default).
+    pub seccomp: bool,
     /// virtio-blk disks, in order (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
     /// virtio-vsock device.
@@ -345,6 +351,7 @@ impl VmConfig {
             serial,
             no_nested: cli.no_nested,
             boot_timer: cli.boot_timer,
+            seccomp: !cli.no_seccomp,
             disks,
             vsock,
         })

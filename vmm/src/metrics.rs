@@ -49,11 +49,36 @@ fn guest_rss_from_smaps(smaps: &str, starts: &[u64]) -> u64 {
     total
 }
 
+/// /proc/self/status and /proc/self/smaps, opened before the seccomp filter
+/// (which has no `openat`) and re-read from the start when measuring.
+pub struct ProcFiles {
+    status: std::fs::File,
+    smaps: std::fs::File,
+}
+
+impl ProcFiles {
+    /// Open both files (`None` if /proc is not mounted).
+    pub fn open() -> Option<Self> {
+        Some(ProcFiles {
+            status: std::fs::File::open("/proc/self/status").ok()?,
+            smaps: std::fs::File::open("/proc/self/smaps").ok()?,
+        })
+    }
+}
+
+fn reread(f: &mut std::fs::File) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    f.seek(SeekFrom::Start(0)).ok()?;
+    let mut s = String::new();
+    f.read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
 /// Measure now. `None` if /proc cannot be read.
-pub fn memory_usage(mem: &GuestMemoryMmap) -> Option<MemoryUsage> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+pub fn memory_usage(proc_files: &mut ProcFiles, mem: &GuestMemoryMmap) -> Option<MemoryUsage> {
+    let status = reread(&mut proc_files.status)?;
     let peak_rss_kib = kib_field(&status, "VmHWM:")?;
-    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let smaps = reread(&mut proc_files.smaps)?;
     let starts: Vec<u64> = mem
         .iter()
         .filter_map(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
@@ -86,11 +111,12 @@ Rss:                  50 kB
     #[test]
     fn touched_guest_pages_count_as_guest() {
         let mem = crate::memory::create_guest_memory(256 << 20).unwrap();
-        let before = memory_usage(&mem).unwrap();
+        let mut files = ProcFiles::open().unwrap();
+        let before = memory_usage(&mut files, &mem).unwrap();
         for page in 0..256u64 {
             mem.write_obj(1u8, GuestAddress(page * 4096)).unwrap();
         }
-        let after = memory_usage(&mem).unwrap();
+        let after = memory_usage(&mut files, &mem).unwrap();
         assert!(
             after.guest_rss_kib >= before.guest_rss_kib + 1000,
             "{before:?} {after:?}"

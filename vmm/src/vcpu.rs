@@ -5,7 +5,9 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
+
+use seccompiler::BpfProgram;
 
 use keystone_devices::Bus;
 use kvm_bindings::{
@@ -59,6 +61,14 @@ pub enum VcpuError {
         id: u8,
         /// Hardware entry failure reason.
         reason: u64,
+    },
+    /// The vCPU's seccomp filter could not be installed.
+    #[error("vCPU {id}: {source}")]
+    Seccomp {
+        /// vCPU index.
+        id: u8,
+        /// What failed.
+        source: crate::seccomp::SeccompError,
     },
     /// The guest reported a crash (KVM_SYSTEM_EVENT_CRASH).
     #[error("vCPU {0}: the guest reported a crash")]
@@ -277,10 +287,14 @@ impl Vcpu {
         }
     }
 
-    /// Spawn the vCPU thread. When it ends it sends its result on `done` and
-    /// writes `exit_evt` so the event loop wakes up.
+    /// Spawn the vCPU thread. It installs `filter` (if any), waits at
+    /// `start` for the VMM thread to install its own, then runs. When it
+    /// ends it sends its result on `done` and writes `exit_evt` so the event
+    /// loop wakes up.
     pub fn spawn(
         mut self,
+        filter: Option<Arc<BpfProgram>>,
+        start: Arc<Barrier>,
         stop: Arc<AtomicBool>,
         done: Sender<VcpuResult>,
         exit_evt: EventFd,
@@ -288,7 +302,18 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("ks_vcpu{}", self.id))
             .spawn(move || {
-                let res = self.run(&stop);
+                let filtered = match &filter {
+                    Some(prog) => crate::seccomp::install(prog),
+                    None => Ok(()),
+                };
+                start.wait();
+                let res = match filtered {
+                    Ok(()) => self.run(&stop),
+                    Err(e) => Err(VcpuError::Seccomp {
+                        id: self.id,
+                        source: e,
+                    }),
+                };
                 let _ = done.send((self.id, res));
                 if let Err(e) = exit_evt.write(1) {
                     tracing::error!("vCPU {}: cannot notify the VMM: {e}", self.id);

@@ -4,7 +4,7 @@
 use std::io::{BufRead, IsTerminal};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -18,6 +18,7 @@ use vmm_sys_util::terminal::Terminal;
 
 use crate::builder::{build, BuildError};
 use crate::config::{SerialConfig, VmConfig};
+use crate::seccomp::{self, ThreadKind};
 use crate::signals;
 use crate::vcpu::{VcpuResult, VcpuStop};
 
@@ -36,6 +37,9 @@ pub enum VmmError {
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventManager(String),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
@@ -217,17 +221,51 @@ pub fn run(
         None
     };
 
+    // Everything the VMM thread needs from the filesystem is open now: the
+    // filters below have no open/openat.
+    let mut proc_files = crate::metrics::ProcFiles::open();
+    let (vmm_filter, vcpu_filter) = if config.seccomp {
+        (
+            Some(seccomp::program(ThreadKind::Vmm)?),
+            Some(Arc::new(seccomp::program(ThreadKind::Vcpu)?)),
+        )
+    } else {
+        tracing::warn!("seccomp filters are off (--no-seccomp): for debugging only");
+        (None, None)
+    };
+
     let stop = Arc::new(AtomicBool::new(false));
+    // vCPU threads filter themselves, then wait here until the VMM thread
+    // has filtered itself too: no guest instruction runs before that.
+    let start_gate = Arc::new(Barrier::new(built.vcpus.len() + 1));
     let mut handles = Vec::new();
     for vcpu in built.vcpus.drain(..) {
         let evt = vcpu_evt.try_clone().map_err(VmmError::EventFd)?;
-        match vcpu.spawn(stop.clone(), done_tx.clone(), evt) {
+        match vcpu.spawn(
+            vcpu_filter.clone(),
+            start_gate.clone(),
+            stop.clone(),
+            done_tx.clone(),
+            evt,
+        ) {
             Ok(h) => handles.push(h),
             Err(e) => {
-                stop_vcpus(&stop, handles);
+                // Threads already waiting at the gate must be let through
+                // to see `stop`; the gate is sized for all, so stop here
+                // without waiting (the process exits with the error).
+                stop.store(true, Ordering::Release);
                 return Err(VmmError::Thread(e));
             }
         }
+    }
+    let filtered = match &vmm_filter {
+        Some(prog) => seccomp::install(prog),
+        None => Ok(()),
+    };
+    start_gate.wait();
+    if let Err(e) = filtered {
+        stop_vcpus(&stop, handles);
+        return Err(e.into());
     }
 
     tracing::debug!(
@@ -252,7 +290,10 @@ pub fn run(
         // mappings must outlive it, so they are leaked, not unmapped.
         std::mem::forget(built.mem.clone());
     }
-    if let Some(m) = crate::metrics::memory_usage(&built.mem) {
+    if let Some(m) = proc_files
+        .as_mut()
+        .and_then(|f| crate::metrics::memory_usage(f, &built.mem))
+    {
         tracing::info!(
             "VMM memory: peak RSS {} KiB, guest RAM touched {} KiB, VMM overhead {} KiB",
             m.peak_rss_kib,

@@ -1,0 +1,290 @@
+//! Seccomp: one allowlist per thread kind, installed by each thread before
+//! the guest runs. Anything else kills the whole VMM process (SIGSYS), so a
+//! compromised device or vCPU thread cannot reach the rest of the kernel.
+//!
+//! | thread | syscalls | why |
+//! |---|---|---|
+//! | vCPU (`ks_vcpuN`) | [`VCPU_SYSCALLS`] | KVM_RUN and KVM_GET_REGS only, eventfd/console writes, locks, allocation, the kick signal, closing fds (`fcntl` only as F_GETFD), thread exit |
+//! | VMM (event loop) | [`VMM_SYSCALLS`] | epoll, eventfds, disk I/O, AF_UNIX sockets for vsock, timers, terminal restore, allocation, vCPU kicks, exit |
+//!
+//! Both stay under Firecracker's sizes (VMM 50, vCPU 27). A few calls are
+//! narrowed by argument: `ioctl` to the listed request numbers, `socket` to
+//! `AF_UNIX`.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Errors building or installing a filter.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The filter could not be built.
+    #[error("cannot build the seccomp filter: {0}")]
+    Build(seccompiler::BackendError),
+    /// The kernel refused the filter.
+    #[error("cannot install the seccomp filter: {0}")]
+    Install(seccompiler::Error),
+}
+
+/// The kinds of thread the VMM runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The VMM thread: event loop and devices.
+    Vmm,
+    /// A vCPU thread.
+    Vcpu,
+}
+
+// KVM ioctl request numbers.
+const KVM_RUN: u64 = 0xae80;
+const KVM_GET_REGS: u64 = 0x8090_ae81;
+// Terminal ioctls (restoring the console's mode at exit).
+const TCGETS: u64 = 0x5401;
+const TCSETS: u64 = 0x5402;
+const TCSETSW: u64 = 0x5403;
+const TCSETSF: u64 = 0x5404;
+// Non-blocking mode on accepted vsock streams (`set_nonblocking`).
+const FIONBIO: u64 = 0x5421;
+
+/// Syscalls of a vCPU thread (`ioctl` narrowed to KVM_RUN, KVM_GET_REGS).
+pub const VCPU_SYSCALLS: &[i64] = &[
+    libc::SYS_ioctl,
+    libc::SYS_write,
+    libc::SYS_futex,
+    libc::SYS_clock_gettime,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_sched_yield,
+    libc::SYS_gettid,
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_exit,
+];
+
+/// Syscalls of the VMM thread (`ioctl` narrowed to terminal modes and FIONBIO,
+/// `socket` to AF_UNIX).
+pub const VMM_SYSCALLS: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_lseek,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_accept4,
+    libc::SYS_shutdown,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_unlink,
+    libc::SYS_timerfd_settime,
+    libc::SYS_ioctl,
+    libc::SYS_futex,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_tgkill,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_sched_yield,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+fn arg_eq(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
+    let c = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)?;
+    SeccompRule::new(vec![c])
+}
+
+/// The allowlist of `kind` as seccompiler rules.
+fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    let list = match kind {
+        ThreadKind::Vcpu => VCPU_SYSCALLS,
+        ThreadKind::Vmm => VMM_SYSCALLS,
+    };
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> = list.iter().map(|&nr| (nr, vec![])).collect();
+    match kind {
+        ThreadKind::Vcpu => {
+            map.insert(
+                libc::SYS_ioctl,
+                vec![arg_eq(1, KVM_RUN)?, arg_eq(1, KVM_GET_REGS)?],
+            );
+            // Rust's debug builds check an fd is open before closing it.
+            map.insert(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)?]);
+        }
+        ThreadKind::Vmm => {
+            map.insert(
+                libc::SYS_ioctl,
+                [TCGETS, TCSETS, TCSETSW, TCSETSF, FIONBIO]
+                    .iter()
+                    .map(|&req| arg_eq(1, req))
+                    .collect::<Result<_, _>>()?,
+            );
+            map.insert(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
+        }
+    }
+    Ok(map)
+}
+
+/// The BPF program for `kind`: allowed calls pass, anything else kills the
+/// process.
+pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(
+        rules(kind).map_err(SeccompError::Build)?,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(SeccompError::Build)?;
+    BpfProgram::try_from(filter).map_err(SeccompError::Build)
+}
+
+/// Install `prog` on the calling thread (and set no_new_privs).
+pub fn install(prog: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(prog).map_err(SeccompError::Install)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_stay_within_firecrackers_sizes() {
+        assert!(VCPU_SYSCALLS.len() <= 27, "{}", VCPU_SYSCALLS.len());
+        assert!(VMM_SYSCALLS.len() <= 50, "{}", VMM_SYSCALLS.len());
+        for list in [VCPU_SYSCALLS, VMM_SYSCALLS] {
+            for forbidden in [
+                libc::SYS_execve,
+                libc::SYS_fork,
+                libc::SYS_clone,
+                libc::SYS_openat,
+                libc::SYS_ptrace,
+            ] {
+                assert!(!list.contains(&forbidden));
+            }
+        }
+        assert!(program(ThreadKind::Vcpu).is_ok());
+        assert!(program(ThreadKind::Vmm).is_ok());
+    }
+
+    /// Runs `f` in a forked child with `kind`'s filter installed; returns
+    /// the signal that killed it, or None if it exited 0.
+    fn in_filtered_child(kind: ThreadKind, f: fn()) -> Option<i32> {
+        let prog = program(kind).unwrap();
+        // SAFETY: fork(2) in a test process; the child only installs the
+        // prebuilt filter (prctl/seccomp syscalls, no allocation), makes raw
+        // syscalls and leaves with _exit, all async-signal-safe.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            if install(&prog).is_err() {
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(2) };
+            }
+            f();
+            // SAFETY: exit(2) of the only thread ends the child; both
+            // allowlists permit it (exit_group is not in the vCPU list).
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(rc, pid);
+        if libc::WIFSIGNALED(status) {
+            Some(libc::WTERMSIG(status))
+        } else {
+            assert_eq!(libc::WEXITSTATUS(status), 0, "child exit status");
+            None
+        }
+    }
+
+    #[test]
+    fn allowed_calls_pass() {
+        let got = in_filtered_child(ThreadKind::Vcpu, || {
+            // SAFETY: getpid-like raw syscalls with no pointer arguments.
+            unsafe {
+                libc::syscall(libc::SYS_gettid);
+                libc::syscall(libc::SYS_sched_yield);
+            }
+        });
+        assert_eq!(got, None);
+        let got = in_filtered_child(ThreadKind::Vmm, || {
+            // SAFETY: socket(2) with integer arguments only.
+            let fd =
+                unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            if fd < 0 {
+                // SAFETY: exit(2) with an integer argument.
+                unsafe { libc::syscall(libc::SYS_exit, 3) };
+            }
+        });
+        assert_eq!(got, None);
+    }
+
+    #[test]
+    fn forbidden_calls_kill_the_process() {
+        let execve = in_filtered_child(ThreadKind::Vcpu, || {
+            // SAFETY: execve with null pointers; the filter kills the
+            // process before the kernel looks at them.
+            unsafe {
+                libc::syscall(libc::SYS_execve, 0usize, 0usize, 0usize);
+            }
+        });
+        assert_eq!(execve, Some(libc::SIGSYS));
+        let inet = in_filtered_child(ThreadKind::Vcpu, || {
+            // SAFETY: socket(2) with integer arguments only.
+            unsafe {
+                libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0);
+            }
+        });
+        assert_eq!(inet, Some(libc::SIGSYS));
+        let inet_vmm = in_filtered_child(ThreadKind::Vmm, || {
+            // SAFETY: socket(2) with integer arguments only.
+            unsafe {
+                libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0);
+            }
+        });
+        assert_eq!(inet_vmm, Some(libc::SIGSYS), "only AF_UNIX sockets");
+        let ioctl = in_filtered_child(ThreadKind::Vcpu, || {
+            // SAFETY: an ioctl the filter rejects before it runs.
+            unsafe {
+                libc::syscall(libc::SYS_ioctl, 0, 0xae01u64, 0);
+            }
+        });
+        assert_eq!(ioctl, Some(libc::SIGSYS), "KVM_CREATE_VM from a vCPU");
+        let open = in_filtered_child(ThreadKind::Vmm, || {
+            // SAFETY: a valid C string; the filter kills before the open.
+            unsafe {
+                libc::syscall(libc::SYS_openat, libc::AT_FDCWD, c"/etc/passwd".as_ptr(), 0);
+            }
+        });
+        assert_eq!(open, Some(libc::SIGSYS));
+    }
+}

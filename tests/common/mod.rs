@@ -61,8 +61,14 @@ pub fn vmm_bin() -> &'static Path {
 impl VmmProcess {
     /// Start keystone-vmm with `args`.
     pub fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(vmm_bin())
-            .args(args)
+        let mut cmd = Command::new(vmm_bin());
+        cmd.args(args);
+        Self::spawn_with(&mut cmd)
+    }
+
+    /// Start a prepared command (e.g. keystone-vmm inside `ip netns exec`).
+    pub fn spawn_with(cmd: &mut Command) -> Self {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -89,6 +95,11 @@ impl VmmProcess {
         let mut args = vec!["--kernel", elf.to_str().unwrap(), "--cmdline", cmdline];
         args.extend_from_slice(extra);
         Self::spawn(&args)
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Everything the guest printed so far.

@@ -52,6 +52,11 @@ pub struct Cli {
     /// guest CID (3 or more) and the host socket path to create.
     #[arg(long, value_name = "CID,UDS_PATH")]
     pub vsock: Option<String>,
+    /// A virtio-net NIC: `user` (user-mode networking through passt, no
+    /// root needed) or `tap=NAME` (needs CAP_NET_ADMIN), with `,mac=MAC` or
+    /// `,name=NAME` (MAC derived from the name; default: from the VMM's pid).
+    #[arg(long, value_name = "user|tap=NAME[,mac=MAC|,name=NAME]")]
+    pub net: Option<String>,
     /// Hide VMX/SVM from the guest's CPUID (no nested virtualization).
     #[arg(long)]
     pub no_nested: bool,
@@ -124,6 +129,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-vsock device.
     pub vsock: Option<VsockConfig>,
+    /// virtio-net device.
+    pub net: Option<crate::net::NetConfig>,
 }
 
 /// A bad argument. Each message is one line.
@@ -181,6 +188,9 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+    /// A --net value is wrong.
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
     /// Too many virtio devices.
     #[error("too many virtio devices: at most {MAX_VIRTIO_DEVICES}")]
     TooManyDevices,
@@ -317,7 +327,15 @@ impl VmConfig {
             .map(|d| parse_disk(d))
             .collect::<Result<Vec<_>, _>>()?;
         let vsock = cli.vsock.as_deref().map(parse_vsock).transpose()?;
-        if disks.len() + usize::from(vsock.is_some()) > MAX_VIRTIO_DEVICES {
+        let default_name = format!("keystone-vmm-{}", std::process::id());
+        let net = cli
+            .net
+            .as_deref()
+            .map(|spec| crate::net::parse_net(spec, &default_name))
+            .transpose()?;
+        if disks.len() + usize::from(vsock.is_some()) + usize::from(net.is_some())
+            > MAX_VIRTIO_DEVICES
+        {
             return Err(ConfigError::TooManyDevices);
         }
         check_log_level(&cli.log_level)?;
@@ -354,6 +372,7 @@ impl VmConfig {
             seccomp: !cli.no_seccomp,
             disks,
             vsock,
+            net,
         })
     }
 }

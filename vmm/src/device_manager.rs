@@ -10,6 +10,7 @@
 //! | virtio-mmio | MMIO 0xc000_1000 + 4 KiB × n, one per device  | GSI 5 + n |
 //!
 //! virtio devices, in order: each `--disk` (virtio-blk, 1 queue of 256),
+//! then `--net` (virtio-net, rx + tx queues of 256, passt or tap backend),
 //! then `--vsock` (3 queues of 256). Each is announced to the guest kernel
 //! as `virtio_mmio.device=4K@<base>:<gsi>` on its command line; queue
 //! notifications are KVM ioeventfds and interrupts KVM irqfds.
@@ -30,6 +31,7 @@ use keystone_devices::serial::{
 };
 use keystone_devices::virtio::block::{Block, BlockError};
 use keystone_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+use keystone_devices::virtio::net::{open_tap, Net, NetBackend};
 use keystone_devices::virtio::vsock::{Vsock, VsockError};
 use keystone_devices::virtio::{Interrupt, VirtioDevice};
 use keystone_devices::{Bus, BusError};
@@ -78,6 +80,12 @@ pub enum DeviceError {
         /// Why.
         source: BlockError,
     },
+    /// The network backend cannot be set up.
+    #[error(transparent)]
+    NetSetup(#[from] crate::net::NetError),
+    /// The virtio-net device cannot be created.
+    #[error("--net: {0}")]
+    Net(#[from] keystone_devices::virtio::net::NetError),
     /// The vsock device cannot be created.
     #[error("--vsock: {0}")]
     Vsock(#[from] VsockError),
@@ -106,6 +114,9 @@ pub struct DeviceManager {
     pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     /// `virtio_mmio.device=` entries for the kernel command line.
     pub cmdline_entries: Vec<String>,
+    /// The passt process serving `--net user`, if any. It quits when the
+    /// VMM's end of its socket closes, and dies with the VMM.
+    pub passt: Option<std::process::Child>,
 }
 
 /// Most bytes of guest console output written to a `--serial file:` log.
@@ -172,6 +183,7 @@ impl DeviceManager {
             reset_evt,
             subscribers: Vec::new(),
             cmdline_entries: Vec::new(),
+            passt: None,
         };
         for disk in &config.disks {
             let block =
@@ -180,6 +192,18 @@ impl DeviceManager {
                     source,
                 })?;
             dm.add_virtio(vm, mem, Arc::new(Mutex::new(block)))?;
+        }
+        if let Some(n) = &config.net {
+            let backend = match &n.mode {
+                crate::net::NetMode::User => {
+                    let (child, sock) = crate::net::spawn_passt()?;
+                    dm.passt = Some(child);
+                    NetBackend::Stream(sock)
+                }
+                crate::net::NetMode::Tap(name) => NetBackend::Tap(open_tap(name)?),
+            };
+            let net = Net::new(n.mac, backend)?;
+            dm.add_virtio(vm, mem, Arc::new(Mutex::new(net)))?;
         }
         if let Some(v) = &config.vsock {
             let vsock = Vsock::new(u64::from(v.cid), &v.uds_path)?;

@@ -15,6 +15,7 @@ pub mod host;
 pub mod loader;
 pub mod memory;
 pub mod metrics;
+pub mod net;
 pub mod seccomp;
 pub mod signals;
 pub mod vcpu;

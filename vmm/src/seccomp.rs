@@ -81,6 +81,8 @@ pub const VMM_SYSCALLS: &[i64] = &[
     libc::SYS_write,
     libc::SYS_pread64,
     libc::SYS_pwrite64,
+    libc::SYS_readv,
+    libc::SYS_writev,
     libc::SYS_lseek,
     libc::SYS_fdatasync,
     libc::SYS_fallocate,

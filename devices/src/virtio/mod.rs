@@ -31,6 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 /// Feature bit: the device complies with virtio 1.0+ (the only mode here).

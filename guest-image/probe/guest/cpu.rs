@@ -43,6 +43,15 @@ pub unsafe fn mmio_read32(addr: u64) -> u32 {
     unsafe { core::ptr::read_volatile(addr as *const u32) }
 }
 
+/// Reads an 8-bit MMIO register at physical (= identity-mapped virtual) `addr`.
+///
+/// # Safety
+/// As for [`mmio_read32`] (any alignment).
+pub unsafe fn mmio_read8(addr: u64) -> u8 {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
 /// Writes a 32-bit MMIO register at physical (= identity-mapped virtual) `addr`.
 ///
 /// # Safety

@@ -40,6 +40,7 @@ mod irq;
 mod lapic;
 mod mem;
 mod mptable;
+mod net;
 mod serial;
 mod smp;
 mod virtio;
@@ -138,6 +139,8 @@ fn run_step(step: &[u8], cmdline: &[u8]) {
         b"blk" => blk::run(cmdline),
         b"blkbench" => blk::bench(cmdline),
         b"vsock" => vsock::run(cmdline),
+        b"net" => net::run(cmdline),
+        b"netbench" => net::bench(cmdline),
         b"reset" => {
             serial::lock().str("probe: reset\n");
             i8042::reset();

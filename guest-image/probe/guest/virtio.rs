@@ -26,6 +26,7 @@ const MAGIC_VALUE: u32 = 0x7472_6976;
 /// Version of the (non-legacy) virtio-mmio register layout.
 const MMIO_VERSION: u32 = 2;
 /// Device ids (virtio spec 5).
+pub const ID_NET: u32 = 1;
 pub const ID_BLOCK: u32 = 2;
 pub const ID_VSOCK: u32 = 19;
 
@@ -85,7 +86,7 @@ pub const TICKS_PER_SECOND: u32 = 100;
 /// Size of a page of the `.dma` area.
 pub const PAGE: u64 = 4096;
 /// Pages in the `.dma` area (`DMA_SIZE` in `link.ld`).
-pub const DMA_PAGES: u64 = 40;
+pub const DMA_PAGES: u64 = 48;
 
 /// How the drivers use the `.dma` area (page numbers).
 pub mod pages {
@@ -107,8 +108,17 @@ pub mod pages {
     pub const VSOCK_RX_DATA: u64 = 9;
     /// virtio-vsock: tx data buffers (one page each).
     pub const VSOCK_TX_DATA: u64 = 25;
+    /// virtio-net: rx and tx queues.
+    pub const NET_RX_QUEUE: u64 = 33;
+    pub const NET_TX_QUEUE: u64 = 34;
+    /// virtio-net: tx buffers of the `net` step (4 of 1 KiB).
+    pub const NET_TX_BUFS: u64 = 35;
+    /// virtio-net: the one frame `netbench` sends over and over.
+    pub const NET_BENCH_FRAME: u64 = 36;
+    /// virtio-net: rx buffers (two 2 KiB buffers per page, 8 pages).
+    pub const NET_RX_DATA: u64 = 37;
     /// One past the last page used.
-    pub const END: u64 = 33;
+    pub const END: u64 = 45;
 }
 
 extern "C" {
@@ -337,6 +347,15 @@ fn write(dev: usize, offset: u64, value: u32) {
 /// Reads the 32-bit word at `offset` of the device configuration space.
 pub fn config32(dev: usize, offset: u64) -> u32 {
     read(dev, CONFIG + offset)
+}
+
+/// Reads the byte at `offset` of the device configuration space (one 8-bit
+/// access: a device whose config space is shorter than 4 bytes past
+/// `offset`, like virtio-net's 6-byte MAC, may reject wider reads).
+pub fn config8(dev: usize, offset: u64) -> u8 {
+    let base = DEVICES[dev].base.load(Ordering::Relaxed);
+    // SAFETY: as for `read`: inside the register window of a device below 4 GiB.
+    unsafe { cpu::mmio_read8(base + CONFIG + offset) }
 }
 
 /// Reads a 64-bit field of the configuration space as two 32-bit reads,

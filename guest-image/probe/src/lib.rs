@@ -23,16 +23,17 @@
 //! - 8250 UART at port 0x3f8 on IRQ 4 (GSI 4 of KVM's in-kernel IOAPIC at
 //!   0xfec00000), local APICs at 0xfee00000 (their timers count at KVM's
 //!   1 GHz), i8042 at 0x60/0x64, boot timer at MMIO 0xc000_0000.
-//! - virtio-mmio devices (only for the `virtio`, `blk` and `vsock` steps):
+//! - virtio-mmio devices (only for the `virtio`, `blk`, `blkbench`,
+//!   `vsock`, `net` and `netbench` steps):
 //!   one `virtio_mmio.device=<size>@<base>:<gsi>` token per device on the
 //!   command line (Linux's syntax; size with an optional K/M/G suffix, e.g.
 //!   `4K@0xc0001000:5`), registers below 4 GiB, the interrupt on IOAPIC pin
 //!   `<gsi>`, edge-triggered (KVM irqfd).
 //! - Memory the probe itself uses below 1 MiB: 0x1000..0x2000 (AP
 //!   trampoline, SIPI vector 1). Its image, .bss, 64 stacks of 16 KiB and
-//!   the 160 KiB `.dma` area of the virtio drivers (virtqueues and buffers;
+//!   the 192 KiB `.dma` area of the virtio drivers (virtqueues and buffers;
 //!   both NOLOAD: in the last PT_LOAD's memory size, not in the file) end
-//!   near 0x23a000.
+//!   near 0x249000.
 //!
 //! # Command-line protocol
 //!
@@ -57,6 +58,8 @@
 //! | `blk`   | drives the first virtio-blk device (id 2); see [virtio-blk](#virtio-blk-the-blk-step) | `probe: blk capacity=<sectors>` ... `probe: blk irqs=<n>` |
 //! | `vsock` | drives the first virtio-vsock device (id 19); see [virtio-vsock](#virtio-vsock-the-vsock-step) | `probe: vsock cid=<cid>` ... `probe: vsock done` |
 //! | `blkbench` | sequential write, FLUSH, then read of `probe.blkbench_mib=` MiB (16) in `probe.blkbench_kib=` KiB requests (128), one in flight, from/to plain RAM at 0x400000 | `probe: blkbench write start`, `probe: blkbench write done bytes=<n>`, `probe: blkbench read start`, `probe: blkbench read done bytes=<n>` |
+//! | `net`   | drives the first virtio-net device (id 1): DHCP DISCOVER, ARP request; see [virtio-net](#virtio-net-the-net-and-netbench-steps) | `probe: net mac=<aa:bb:cc:dd:ee:ff>` ... `probe: net done` |
+//! | `netbench` | sends `probe.netbench_frames=` (10000) 1514-byte broadcast frames (ethertype 0x88b5) as fast as the tx queue takes them | `probe: net mac=<mac>`, `probe: netbench start`, `probe: netbench done frames=<n> bytes=<n>` |
 //! | `reset` | `out 0x64, 0xfe` (i8042 CPU reset: the VMM should exit 0), then halts | `probe: reset` |
 //! | `fault` | loads an empty IDT and executes `ud2`: a triple fault (the VMM should exit non-zero) | `probe: fault` |
 //! | `spin`  | `cli; hlt` forever (for signal handling tests) | `probe: spinning` |
@@ -196,6 +199,57 @@
 //! every connection and re-reads the CID), `probe: vsock tx queue stuck`
 //! (no tx slot came back in 2 s), `probe: vsock bad <token>` for a value
 //! that is not a number, `probe: vsock connection table full`.
+//!
+//! ## virtio-net: the `net` and `netbench` steps
+//!
+//! Features: VIRTIO_NET_F_MAC (bit 5) if offered, nothing else (no
+//! checksum offload, no GSO, no mergeable buffers, no control queue), so
+//! every buffer starts with a 12-byte `virtio_net_hdr_v1`, all zero on tx.
+//! Queues: rx (queue 0, 16 descriptors: 16 buffers of 12 + 1526 bytes, one
+//! descriptor each, posted again once handled) and tx (queue 1, 16
+//! descriptors; header and frame in one descriptor, as VERSION_1 allows).
+//! Both steps first print `probe: net mac=<aa:bb:cc:dd:ee:ff>` (config
+//! offset 0, read a byte at a time; without VIRTIO_NET_F_MAC the probe uses
+//! 02:00:00:00:00:01 and appends ` (no MAC feature)`), or a failure line as
+//! above (`probe: net no device`, ...). Each step resets the device.
+//!
+//! `net` (frames from 4 tx buffers of 1 KiB, waits counted in timer ticks):
+//!
+//! 1. DHCP, unless `probe.net_dhcp=0` (then `probe: net dhcp skipped`): a
+//!    DISCOVER (342-byte frame: Ethernet broadcast, IPv4 0.0.0.0:68 →
+//!    255.255.255.255:67 with the header checksum, UDP checksum 0, a
+//!    300-byte BOOTP request: htype 1, hlen 6, xid 0x4b50xxxx (xxxx = last
+//!    two MAC bytes), flags 0x8000, chaddr = our MAC, magic cookie, options
+//!    53 = 1, 55 = [1, 3, 6], end), sent again every second, for at most
+//!    3 s, until an OFFER comes (UDP to port 68, BOOTREPLY with our xid,
+//!    option 53 = 2): `probe: net dhcp offer ip=<yiaddr> server=<option 54,
+//!    else siaddr> router=<option 3's first address, 0.0.0.0 if none>`, or
+//!    `probe: net dhcp none`.
+//! 2. ARP: target `probe.net_arp=<a.b.c.d>`, else the offered router;
+//!    sender IP `probe.net_ip=<a.b.c.d>`, else the offered ip. If either is
+//!    unknown (or 0.0.0.0): `probe: net arp skipped`. Otherwise an ARP
+//!    request (broadcast, 60 bytes), sent again every second, for at most
+//!    3 s, until an ARP reply whose sender IP is the target:
+//!    `probe: net arp reply ip=<target> mac=<its sender MAC>`, or
+//!    `probe: net arp none`. A token that is not a dotted quad prints
+//!    `probe: net bad probe.net_arp=<value>` (or `net_ip`) and counts as
+//!    unknown.
+//! 3. Waits (at most 2 s) for the device to return the tx buffers, then
+//!    `probe: net tx=<frames made available> rx=<frames received>
+//!    irqs=<interrupts taken by the device since boot>` and `probe: net
+//!    done`.
+//!
+//! `netbench`: prepares one 1514-byte frame (broadcast destination, our MAC,
+//! ethertype 0x88b5, payload byte i = i & 0xff) behind a zero header, points
+//! every tx descriptor at it, prints `probe: netbench start`, then keeps the
+//! tx ring full: reclaims used descriptors, makes them available again (one
+//! QueueNotify per batch, not per frame), sleeps only when the ring is full
+//! and nothing came back, until the device has used
+//! `probe.netbench_frames=<n>` (10000) frames. Received frames are counted
+//! and their buffers posted again. Then `probe: netbench done frames=<frames
+//! the device used> bytes=<frames * 1514>`, preceded by `probe: netbench
+//! stalled sent=<n> done=<n>` if 2 s passed without progress. `probe: net tx
+//! queue stuck` in `net` means no tx buffer came back within 2 s.
 
 use std::path::Path;
 
@@ -204,7 +258,8 @@ pub const LOAD_ADDR: u64 = 0x10_0000;
 
 /// The step names the probe understands in `probe=`.
 pub const STEPS: &[&str] = &[
-    "timer", "smp", "echo", "virtio", "blk", "blkbench", "vsock", "reset", "fault", "spin",
+    "timer", "smp", "echo", "virtio", "blk", "blkbench", "vsock", "net", "netbench", "reset",
+    "fault", "spin",
 ];
 
 /// Bytes of a disk sector as the `blk` step uses them.
@@ -245,6 +300,12 @@ pub const VSOCK_FIRST_LOCAL_PORT: u32 = 49152;
 
 /// Receive window (`buf_alloc`) the `vsock` step advertises.
 pub const VSOCK_BUF_ALLOC: u32 = 64 * 1024;
+
+/// Ethernet frame length (no FCS) of every `netbench` frame.
+pub const NETBENCH_FRAME_LEN: u64 = 1514;
+
+/// Ethertype of the `netbench` frames (IEEE 802 local experimental 1).
+pub const NETBENCH_ETHERTYPE: u16 = 0x88b5;
 
 /// Path of the probe guest ELF built by `build.rs`.
 pub fn elf_path() -> &'static Path {
@@ -392,6 +453,23 @@ mod tests {
             "probe: vsock bulk sent ",
             "probe: vsock irqs=",
             "probe: vsock done",
+            "probe: net mac=",
+            "probe: net dhcp offer ip=",
+            " server=",
+            " router=",
+            "probe: net dhcp none",
+            "probe: net dhcp skipped",
+            "probe.net_dhcp=",
+            "probe.net_arp=",
+            "probe.net_ip=",
+            "probe: net arp reply ip=",
+            "probe: net arp none",
+            "probe: net arp skipped",
+            "probe: net tx=",
+            "probe: net done",
+            "probe.netbench_frames=",
+            "probe: netbench start",
+            "probe: netbench done frames=",
             VSOCK_GREETING,
         ] {
             assert!(has(s), "{s:?} missing from the image");

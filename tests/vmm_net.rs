@@ -1,0 +1,174 @@
+//! keystone-vmm's virtio-net, driven by the probe guest's own driver:
+//! user-mode networking through a real passt (DHCP from passt), a tap
+//! device inside a network namespace made by the test (ARP with the host
+//! kernel, addresses only in that namespace), and a backend that dies.
+//!
+//! These tests need /dev/kvm, passt and root (tap, netns); they fail with a
+//! clear message without them.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::VmmProcess;
+
+const BOOT: Duration = Duration::from_secs(60);
+
+fn line_value<'a>(out: &'a str, prefix: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{out}"))
+}
+
+#[test]
+fn user_networking_gets_a_dhcp_offer_from_passt() {
+    let mut vm = VmmProcess::probe("probe=net,reset", &["--net", "user,mac=02:aa:bb:cc:dd:01"]);
+    let st = vm.wait_exit(BOOT);
+    let out = vm.stdout();
+    assert!(st.success(), "exit {st}\n{out}\n{}", vm.stderr());
+    assert!(out.contains("probe: net mac=02:aa:bb:cc:dd:01"), "{out}");
+    let offer = line_value(&out, "probe: net dhcp offer ip=");
+    assert!(!offer.starts_with("0.0.0.0"), "{offer}");
+    assert!(out.contains("probe: net done"), "{out}");
+}
+
+#[test]
+fn missing_passt_is_a_one_line_error() {
+    common::require_kvm();
+    let elf = common::probe_elf();
+    let out = Command::new(common::vmm_bin())
+        .args(["--kernel", elf.to_str().unwrap(), "--net", "user"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("keystone-vmm: error:"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("apt-get install passt"), "{line}");
+}
+
+/// A network namespace that is deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(tag: &str) -> Self {
+        let name = format!("ks-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip netns add failed: these tests need root");
+        NetNs(name)
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .arg("-n")
+            .arg(&self.0)
+            .args(args)
+            .output()
+            .expect("ip");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn rx_packets(ns: &NetNs, dev: &str) -> u64 {
+    let out = ns.ip(&["-s", "link", "show", dev]);
+    // "RX: bytes packets ..." then the numbers on the next line.
+    let mut lines = out.lines();
+    while let Some(l) = lines.next() {
+        if l.trim_start().starts_with("RX:") {
+            let nums = lines.next().unwrap_or("");
+            return nums
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    panic!("no RX counters in {out}");
+}
+
+#[test]
+fn tap_in_a_namespace_carries_arp_both_ways() {
+    common::require_kvm();
+    let ns = NetNs::new("tap");
+    ns.ip(&["tuntap", "add", "dev", "kstap0", "mode", "tap", "vnet_hdr"]);
+    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "kstap0"]);
+    ns.ip(&["link", "set", "kstap0", "up"]);
+    ns.ip(&["link", "set", "lo", "up"]);
+    let host_mac = {
+        let out = ns.ip(&["link", "show", "kstap0"]);
+        out.split("link/ether ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .expect("tap mac")
+            .to_string()
+    };
+
+    let elf = common::probe_elf();
+    let vmm = common::vmm_bin();
+    let mut vm = VmmProcess::spawn_with(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(vmm)
+            .args([
+                "--kernel",
+                elf.to_str().unwrap(),
+                "--net",
+                "tap=kstap0,mac=02:00:0a:4d:00:0f",
+                "--cmdline",
+                "probe=net,reset probe.net_dhcp=0 probe.net_arp=10.77.0.1 probe.net_ip=10.77.0.15",
+            ]),
+    );
+    let st = vm.wait_exit(BOOT);
+    let out = vm.stdout();
+    assert!(st.success(), "exit {st}\n{out}\n{}", vm.stderr());
+    let reply = line_value(&out, "probe: net arp reply ip=10.77.0.1 mac=");
+    assert_eq!(reply.trim(), host_mac, "{out}");
+    // The host kernel saw the probe's frames (ARP request at least).
+    assert!(rx_packets(&ns, "kstap0") >= 1);
+    // And learnt the guest's address from them.
+    let neigh = ns.ip(&["neigh", "show", "dev", "kstap0"]);
+    assert!(
+        neigh.contains("10.77.0.15") && neigh.contains("02:00:0a:4d:00:0f"),
+        "{neigh}"
+    );
+}
+
+#[test]
+fn a_dead_passt_is_reported_and_the_vm_keeps_running() {
+    let mut vm = VmmProcess::probe("probe=net,spin probe.net_dhcp=0", &["--net", "user"]);
+    vm.wait_stdout("probe: spinning", BOOT);
+    // Kill the VMM's passt child.
+    let children =
+        std::fs::read_to_string(format!("/proc/{}/task/{}/children", vm.pid(), vm.pid()))
+            .unwrap_or_default();
+    let passt: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("passt child");
+    // SAFETY: kill(2) on a pid read from /proc as our VMM's child.
+    assert_eq!(unsafe { libc::kill(passt, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    vm.signal(libc::SIGTERM);
+    let st = vm.wait_exit(Duration::from_secs(10));
+    assert!(st.success(), "exit {st}\n{}", vm.stderr());
+}

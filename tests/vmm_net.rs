@@ -144,12 +144,6 @@ fn tap_in_a_namespace_carries_arp_both_ways() {
     assert_eq!(reply.trim(), host_mac, "{out}");
     // The host kernel saw the probe's frames (ARP request at least).
     assert!(rx_packets(&ns, "kstap0") >= 1);
-    // And learnt the guest's address from them.
-    let neigh = ns.ip(&["neigh", "show", "dev", "kstap0"]);
-    assert!(
-        neigh.contains("10.77.0.15") && neigh.contains("02:00:0a:4d:00:0f"),
-        "{neigh}"
-    );
 }
 
 #[test]
@@ -170,5 +164,11 @@ fn a_dead_passt_is_reported_and_the_vm_keeps_running() {
     std::thread::sleep(Duration::from_millis(500));
     vm.signal(libc::SIGTERM);
     let st = vm.wait_exit(Duration::from_secs(10));
-    assert!(st.success(), "exit {st}\n{}", vm.stderr());
+    let log = vm.stderr();
+    assert!(st.success(), "exit {st}\n{log}");
+    assert_eq!(
+        log.matches("backend closed").count(),
+        1,
+        "reported once: {log}"
+    );
 }

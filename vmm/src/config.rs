@@ -60,6 +60,19 @@ pub struct Cli {
     /// Hide VMX/SVM from the guest's CPUID (no nested virtualization).
     #[arg(long)]
     pub no_nested: bool,
+    /// Run jailed (root only): PID/mount/IPC/UTS/network namespaces, an
+    /// empty read-only root, no capabilities, an unprivileged uid.
+    #[arg(long)]
+    pub jail: bool,
+    /// Where the jail's root is mounted (default /run/keystone-vmm/<pid>).
+    #[arg(long, value_name = "DIR", requires = "jail")]
+    pub jail_dir: Option<PathBuf>,
+    /// uid the jailed VMM runs as (default 65534, nobody).
+    #[arg(long, value_name = "UID", default_value_t = 65534, requires = "jail")]
+    pub jail_uid: u32,
+    /// gid the jailed VMM runs as (default 65534, nogroup).
+    #[arg(long, value_name = "GID", default_value_t = 65534, requires = "jail")]
+    pub jail_gid: u32,
     /// Run without seccomp filters (debugging only: the VMM then has the
     /// whole syscall surface of the host kernel).
     #[arg(long)]
@@ -131,6 +144,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-net device.
     pub net: Option<crate::net::NetConfig>,
+    /// Jail settings, with `--jail`.
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 /// A bad argument. Each message is one line.
@@ -373,6 +388,13 @@ impl VmConfig {
             disks,
             vsock,
             net,
+            jail: cli.jail.then(|| crate::jail::JailConfig {
+                root: cli.jail_dir.clone().unwrap_or_else(|| {
+                    PathBuf::from(format!("/run/keystone-vmm/{}", std::process::id()))
+                }),
+                uid: cli.jail_uid,
+                gid: cli.jail_gid,
+            }),
         })
     }
 }

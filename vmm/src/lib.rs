@@ -12,6 +12,7 @@ pub mod builder;
 pub mod config;
 pub mod device_manager;
 pub mod host;
+pub mod jail;
 pub mod loader;
 pub mod memory;
 pub mod metrics;

@@ -42,6 +42,21 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
+    if let Some(jail) = &config.jail {
+        // Before anything else starts a thread: fork into a PID namespace.
+        match keystone_vmm::jail::enter_pid_namespace() {
+            Ok(keystone_vmm::jail::Side::Vmm) => {}
+            Ok(keystone_vmm::jail::Side::Supervisor(code)) => {
+                // The jailed VMM could not remove what it made outside.
+                if let Some(v) = &config.vsock {
+                    let _ = std::fs::remove_file(&v.uds_path);
+                }
+                let _ = std::fs::remove_dir(&jail.root);
+                return ExitCode::from(code.clamp(0, 255) as u8);
+            }
+            Err(e) => return fail(1, e),
+        }
+    }
     let level =
         keystone_vmm::config::check_log_level(&cli.log_level).unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()

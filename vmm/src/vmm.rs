@@ -37,6 +37,9 @@ pub enum VmmError {
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventManager(String),
+    /// The jail could not be set up.
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     /// A seccomp filter could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
@@ -224,6 +227,19 @@ pub fn run(
     // Everything the VMM thread needs from the filesystem is open now: the
     // filters below have no open/openat.
     let mut proc_files = crate::metrics::ProcFiles::open();
+    if let Some(jail) = &config.jail {
+        let keep = config
+            .vsock
+            .as_ref()
+            .and_then(|v| v.uds_path.parent().map(|p| p.to_path_buf()));
+        crate::jail::confine(jail, keep.as_deref())?;
+        tracing::info!(
+            "jailed: uid {}, gid {}, root {}",
+            jail.uid,
+            jail.gid,
+            jail.root.display()
+        );
+    }
     let (vmm_filter, vcpu_filter) = if config.seccomp {
         (
             Some(seccomp::program(ThreadKind::Vmm)?),

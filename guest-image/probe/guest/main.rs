@@ -41,6 +41,7 @@ mod lapic;
 mod mem;
 mod mptable;
 mod net;
+mod pvh;
 mod serial;
 mod smp;
 mod virtio;

@@ -7,7 +7,10 @@
 //! where it is. The VMM loads it like a 64-bit Linux `vmlinux` (it is linked
 //! and loaded at [`LOAD_ADDR`], entered in long mode with `rsi` = the
 //! `boot_params` zero page), and integration tests drive it through its
-//! kernel command line and read what it prints on the serial port.
+//! kernel command line and read what it prints on the serial port. The same
+//! ELF also boots under loaders that speak Xen's PVH boot protocol, e.g.
+//! `qemu-system-x86_64 -M microvm,acpi=off -kernel <elf>` (see
+//! [below](#pvh-entry-qemu)).
 //!
 //! # Boot contract it relies on
 //!
@@ -32,8 +35,41 @@
 //! - Memory the probe itself uses below 1 MiB: 0x1000..0x2000 (AP
 //!   trampoline, SIPI vector 1). Its image, .bss, 64 stacks of 16 KiB and
 //!   the 192 KiB `.dma` area of the virtio drivers (virtqueues and buffers;
-//!   both NOLOAD: in the last PT_LOAD's memory size, not in the file) end
-//!   near 0x249000.
+//!   both NOLOAD: in the last PT_LOAD's memory size, not in the file) and
+//!   the 28 KiB NOLOAD `.pvh` area (used only by the PVH entry) end near
+//!   0x250000.
+//!
+//! ## PVH entry (QEMU)
+//!
+//! A PT_NOTE segment holds one ELF note (section `.note.Xen`, 4-byte
+//! aligned): name `"Xen\0"`, type 18 (XEN_ELFNOTE_PHYS32_ENTRY), desc the
+//! physical address of `_pvh_start` (inside `.text`) as 8 bytes, the high 4
+//! zero, as Linux's x86-64 `vmlinux` has it: linux-loader and newer QEMU
+//! read the first 4 bytes, QEMU up to 9.x reads 8 for a 64-bit ELF. The ELF
+//! entry stays `_start` ([`LOAD_ADDR`]); keystone-vmm (linux-loader's
+//! `Elf::load`) reads the note but enters at `_start` as above.
+//!
+//! A PVH loader enters `_pvh_start` in 32-bit protected mode, paging off,
+//! flat CS/DS/ES/SS, interrupts off, no stack, `ebx` = physical address of
+//! `struct hvm_start_info` (magic 0x336ec578 at offset 0, `cmdline_paddr`
+//! u64 at 24). `_pvh_start` (`guest/pvh.rs`; integer instructions only)
+//! takes the BSP's stack, writes identity page tables for the low 4 GiB (2
+//! MiB pages: PML4, PDPT and 4 page directories in `.pvh`), sets CR4.PAE,
+//! CR3, EFER.LME, CR0.PG|PE (CD/NW clear), loads a GDT with the VMM's
+//! selectors (0x08 64-bit code, 0x10 flat data), far-jumps to long mode,
+//! reloads the data segments, zeroes a 4 KiB fake zero page in `.pvh` and
+//! sets its `cmd_line_ptr` to `cmdline_paddr` (0 if that is at or above 4
+//! GiB or the magic is wrong) and its `cmdline_size` to 4095, then jumps to
+//! `_start` with `rsi` = that zero page: from there on the boot is the VMM
+//! one. Under QEMU there is no boot timer (the `timer` write goes nowhere)
+//! and microvm may have no usable MP table (`smp` then reports what it
+//! finds); `reset` ends QEMU when run with `-no-reboot` (needs `-device
+//! i8042` on microvm). Tested: `qemu-system-x86_64 -accel kvm -M
+//! microvm,acpi=off -cpu host,-arch-capabilities -m 128 -nodefaults
+//! -no-user-config -nographic -serial stdio -device i8042 -kernel <elf>
+//! -append 'probe=timer,reset' -no-reboot` (QEMU 7.2; on this PVM host
+//! plain `-cpu host` fails to set MSR 0x10a), and the same with `-accel
+//! tcg` and no `-cpu`.
 //!
 //! # Command-line protocol
 //!
@@ -307,6 +343,10 @@ pub const NETBENCH_FRAME_LEN: u64 = 1514;
 /// Ethertype of the `netbench` frames (IEEE 802 local experimental 1).
 pub const NETBENCH_ETHERTYPE: u16 = 0x88b5;
 
+/// The probe guest ELF itself, for programs that ship it (`keystone bench
+/// boot --probe` writes it to a cache file).
+pub const ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/keystone-probe.elf"));
+
 /// Path of the probe guest ELF built by `build.rs`.
 pub fn elf_path() -> &'static Path {
     Path::new(concat!(env!("OUT_DIR"), "/keystone-probe.elf"))
@@ -320,6 +360,9 @@ mod tests {
     const PT_LOAD: u32 = 1;
     const PT_DYNAMIC: u32 = 2;
     const PT_INTERP: u32 = 3;
+    const PT_NOTE: u32 = 4;
+    /// XEN_ELFNOTE_PHYS32_ENTRY: the 32-bit PVH entry point.
+    const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
     const PF_X: u32 = 1;
     /// `cpu::STACK_SIZE * cpu::MAX_CPUS` in the guest.
     const STACKS_LEN: u64 = 16 * 1024 * 64;
@@ -337,10 +380,12 @@ mod tests {
     struct Phdr {
         p_type: u32,
         flags: u32,
+        offset: u64,
         vaddr: u64,
         paddr: u64,
         filesz: u64,
         memsz: u64,
+        align: u64,
     }
 
     fn elf() -> Vec<u8> {
@@ -357,10 +402,12 @@ mod tests {
                 Phdr {
                     p_type: u32_at(b, p),
                     flags: u32_at(b, p + 4),
+                    offset: u64_at(b, p + 8),
                     vaddr: u64_at(b, p + 16),
                     paddr: u64_at(b, p + 24),
                     filesz: u64_at(b, p + 32),
                     memsz: u64_at(b, p + 40),
+                    align: u64_at(b, p + 48),
                 }
             })
             .collect()
@@ -411,6 +458,47 @@ mod tests {
         assert!(
             end <= 0x40_0000,
             "image ends at {end:#x}, expected well below 4 MiB"
+        );
+    }
+
+    /// The PVH entry QEMU uses: a "Xen" note of type 18 in a PT_NOTE
+    /// segment, naming an address in executable code; the ELF entry (the
+    /// VMM's) is unchanged.
+    #[test]
+    fn pvh_note_names_an_entry_in_executable_code() {
+        let b = elf();
+        assert_eq!(u64_at(&b, 24), LOAD_ADDR, "ELF entry is still _start");
+        let phdrs = phdrs(&b);
+        let mut entries = Vec::new();
+        for note in phdrs.iter().filter(|p| p.p_type == PT_NOTE) {
+            assert_eq!(note.align, 4, "PT_NOTE aligned 4 (QEMU pads by p_align)");
+            let (mut off, end) = (note.offset as usize, (note.offset + note.filesz) as usize);
+            while off + 12 <= end {
+                let (namesz, descsz, n_type) =
+                    (u32_at(&b, off), u32_at(&b, off + 4), u32_at(&b, off + 8));
+                let name_at = off + 12;
+                let desc_at = name_at + (namesz as usize).next_multiple_of(4);
+                off = desc_at + (descsz as usize).next_multiple_of(4);
+                assert!(off <= end, "note runs past its PT_NOTE segment");
+                if &b[name_at..name_at + namesz as usize] == b"Xen\0"
+                    && n_type == XEN_ELFNOTE_PHYS32_ENTRY
+                {
+                    assert!(descsz == 4 || descsz == 8, "desc size {descsz}");
+                    if descsz == 8 {
+                        assert_eq!(u32_at(&b, desc_at + 4), 0, "entry below 4 GiB");
+                    }
+                    entries.push(u64::from(u32_at(&b, desc_at)));
+                }
+            }
+        }
+        assert_eq!(entries.len(), 1, "one PVH entry note");
+        let entry = entries[0];
+        assert_ne!(entry, LOAD_ADDR, "the PVH entry is its own 32-bit code");
+        assert!(
+            phdrs.iter().any(|p| p.p_type == PT_LOAD
+                && p.flags & PF_X != 0
+                && (p.paddr..p.paddr + p.filesz).contains(&entry)),
+            "PVH entry {entry:#x} inside an executable PT_LOAD"
         );
     }
 
@@ -501,6 +589,7 @@ mod tests {
         "probe_ap_gdt",
         "probe_ap_gdt_ptr",
         "probe_ap_mailbox_cr3",
+        "_pvh_start",
     ];
 
     /// Functions of the precompiled `core` that are linked in but only run

@@ -59,7 +59,8 @@ fuzz_target!(|data: &[u8]| {
             let n = write_cmdline(&mem, cmdline)
                 .unwrap_or_else(|e| panic!("check_cmdline accepted {cmdline:?}: {e}"));
             let mut back = vec![0u8; n as usize];
-            mem.read_slice(&mut back, GuestAddress(CMDLINE_ADDR)).unwrap();
+            mem.read_slice(&mut back, GuestAddress(CMDLINE_ADDR))
+                .unwrap();
             assert_eq!(back.last(), Some(&0), "NUL at the reported size");
             assert!(!back[..back.len() - 1].contains(&0), "no NUL before it");
         }

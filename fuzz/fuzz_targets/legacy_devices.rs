@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use arbitrary::Arbitrary;
 use keystone_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use keystone_devices::serial::{SerialDevice, COM1_BASE, COM1_LEN, PENDING_INPUT_CAP};
-use keystone_devices::{Bus, BusDevice};
+use keystone_devices::Bus;
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -35,7 +35,10 @@ enum Op {
     },
     Input(Vec<u8>),
     /// Many bytes of input at once (fills the host-side buffer).
-    Flood { len: u32, byte: u8 },
+    Flood {
+        len: u32,
+        byte: u8,
+    },
 }
 
 /// Counts what the UART prints.

@@ -83,7 +83,10 @@ fn image() -> &'static PathBuf {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
     IMAGE.get_or_init(|| {
         let p = temp_dir("blk").join("disk.img");
-        std::fs::File::create(&p).unwrap().set_len(IMAGE_LEN).unwrap();
+        std::fs::File::create(&p)
+            .unwrap()
+            .set_len(IMAGE_LEN)
+            .unwrap();
         p
     })
 }

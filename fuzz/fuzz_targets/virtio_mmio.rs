@@ -24,7 +24,7 @@ use keystone_devices::virtio::mmio::{status, MmioTransport, MMIO_WINDOW_SIZE};
 use keystone_devices::virtio::net::{Net, NetBackend};
 use keystone_devices::virtio::vsock::Vsock;
 use keystone_devices::virtio::{ActivateContext, ActivateError, Interrupt, VirtioDevice};
-use keystone_devices::{Bus, BusDevice};
+use keystone_devices::Bus;
 use keystone_fuzz::{guest_memory, run_until_idle, temp_dir, DescSpec, DriverQueue};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -120,7 +120,10 @@ fn image() -> &'static std::path::PathBuf {
     static IMAGE: OnceLock<std::path::PathBuf> = OnceLock::new();
     IMAGE.get_or_init(|| {
         let p = temp_dir("mmio").join("disk.img");
-        std::fs::File::create(&p).unwrap().set_len(64 << 10).unwrap();
+        std::fs::File::create(&p)
+            .unwrap()
+            .set_len(64 << 10)
+            .unwrap();
         p
     })
 }

@@ -35,15 +35,26 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 enum Step {
     /// A TX chain: 12-byte header and a frame of `len` bytes filled with
     /// `fill`, split in two descriptors when `split`.
-    TxFrame { len: u16, fill: u8, split: bool },
+    TxFrame {
+        len: u16,
+        fill: u8,
+        split: bool,
+    },
     RawTx(Vec<DescSpec>),
     /// One writable RX buffer of `len` bytes.
     RxBuf(u16),
     RawRx(Vec<DescSpec>),
-    Kick { rx: bool, tx: bool },
+    Kick {
+        rx: bool,
+        tx: bool,
+    },
     /// passt sends a frame: prefix `declared` (the real length if absent)
     /// then `len` bytes.
-    PeerFrame { declared: Option<u32>, len: u16, fill: u8 },
+    PeerFrame {
+        declared: Option<u32>,
+        len: u16,
+        fill: u8,
+    },
     /// passt sends raw bytes.
     PeerRaw(Vec<u8>),
     PeerClose,

@@ -96,12 +96,24 @@ enum Step {
     /// An RX buffer of `len` bytes (well-formed: one writable descriptor).
     RxBuf(u16),
     RawRx(Vec<DescSpec>),
-    Kick { rx: bool, tx: bool, ev: bool },
+    Kick {
+        rx: bool,
+        tx: bool,
+        ev: bool,
+    },
     /// Host process connects to the device socket and writes `line`
     /// (`CONNECT <port>\n` when absent).
-    HostConnect { port: Port, line: Option<Vec<u8>> },
-    HostWrite { conn: u8, data: Vec<u8> },
-    HostClose { conn: u8 },
+    HostConnect {
+        port: Port,
+        line: Option<Vec<u8>>,
+    },
+    HostWrite {
+        conn: u8,
+        data: Vec<u8>,
+    },
+    HostClose {
+        conn: u8,
+    },
     Reset,
 }
 
@@ -248,7 +260,8 @@ fuzz_target!(|input: Input| {
                 run_until_idle(&mut em, 16);
             }
             Step::HostWrite { conn, data } => {
-                if let Some(s) = streams.get_mut(usize::from(*conn) % streams.len().max(1)) {
+                let n = streams.len().max(1);
+                if let Some(s) = streams.get_mut(usize::from(*conn) % n) {
                     let _ = s.write(data);
                 }
                 run_until_idle(&mut em, 16);

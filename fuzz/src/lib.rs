@@ -36,7 +36,8 @@ const VRING_DESC_F_WRITE: u16 = 2;
 pub fn guest_memory(data: &[u8]) -> GuestMemoryMmap {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let n = data.len().min(DATA_LEN as usize);
-    mem.write_slice(&data[..n], GuestAddress(DATA_BASE)).unwrap();
+    mem.write_slice(&data[..n], GuestAddress(DATA_BASE))
+        .unwrap();
     mem
 }
 

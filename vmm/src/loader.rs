@@ -134,13 +134,27 @@ pub fn load_initrd(
     Ok((addr, size32))
 }
 
-/// Write the command line at `CMDLINE_ADDR`; returns its size with the NUL.
+/// Write the command line at `CMDLINE_ADDR` (surrounding spaces trimmed);
+/// returns the size written, NUL included.
 pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<u32, LoaderError> {
+    let cmdline = cmdline.trim();
+    if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
+        return Err(LoaderError::Cmdline(format!(
+            "{} bytes with the virtio device entries, more than the {} the kernel accepts",
+            cmdline.len(),
+            CMDLINE_MAX_SIZE - 1
+        )));
+    }
     let mut cl = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| LoaderError::Cmdline(e.to_string()))?;
     cl.insert_str(cmdline)
         .map_err(|e| LoaderError::Cmdline(e.to_string()))?;
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl).map_err(LoaderError::Kernel)?;
-    Ok(cmdline.len() as u32 + 1)
+    let written = cl
+        .as_cstring()
+        .map_err(|e| LoaderError::Cmdline(e.to_string()))?
+        .as_bytes_with_nul()
+        .len();
+    Ok(written as u32)
 }
 
 #[cfg(test)]
@@ -265,5 +279,16 @@ mod tests {
         let mut b = vec![0u8; 26];
         mem.read_slice(&mut b, GuestAddress(CMDLINE_ADDR)).unwrap();
         assert_eq!(&b, b"console=ttyS0 probe=timer\0");
+        // Found by the kernel_loader fuzz target: surrounding spaces are
+        // trimmed and the size reported is the size written.
+        let n = write_cmdline(&mem, " @ ").unwrap();
+        assert_eq!(n, 2);
+        let mut b = [0u8; 2];
+        mem.read_slice(&mut b, GuestAddress(CMDLINE_ADDR)).unwrap();
+        assert_eq!(&b, b"@\0");
+        assert!(matches!(
+            write_cmdline(&mem, &"x".repeat(CMDLINE_MAX_SIZE)),
+            Err(LoaderError::Cmdline(_))
+        ));
     }
 }

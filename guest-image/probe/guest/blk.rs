@@ -289,7 +289,7 @@ pub fn run(cmdline: &[u8]) {
 }
 
 /// Guest-physical buffer for `blkbench` transfers: plain RAM above the
-/// probe's image (which ends near 0x23a000); its contents do not matter.
+/// probe's image (which ends near 0x251000); its contents do not matter.
 const BENCH_BUF: u64 = 0x40_0000;
 /// Largest `blkbench` request, KiB.
 const BENCH_MAX_KIB: u64 = 1024;

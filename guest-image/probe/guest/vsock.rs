@@ -149,6 +149,9 @@ struct Conn {
     credit_requested: V32,
 }
 
+/// The connection table, in `.noinit`: zeroed by [`reset_conns`] when the
+/// step starts rather than at boot (all-zero is every field's initial value).
+#[link_section = ".noinit"]
 static CONNS: [Conn; MAX_CONNS] = [const {
     Conn {
         state: V32::new(),
@@ -966,7 +969,27 @@ fn token_u32(cmdline: &[u8], key: &str) -> Option<u32> {
 }
 
 /// Runs the `vsock` step.
+/// Zeroes the connection table (see [`CONNS`]).
+fn reset_conns() {
+    let addr = CONNS.as_ptr() as u64;
+    let qwords = (core::mem::size_of_val(&CONNS) / 8) as u64;
+    // SAFETY: writes exactly the bytes of CONNS (its size is a multiple of
+    // 8: every field is a 4- or 8-byte atomic), before the step touches any
+    // connection and with no other CPU running probe code that uses it;
+    // zero is a valid value for every field. DF is clear (ABI).
+    unsafe {
+        core::arch::asm!(
+            "rep stosq",
+            inout("rcx") qwords => _,
+            inout("rdi") addr => _,
+            in("rax") 0u64,
+            options(nostack, preserves_flags),
+        )
+    }
+}
+
 pub fn run(cmdline: &[u8]) {
+    reset_conns();
     virtio::discover(cmdline);
     let Some(dev) = virtio::find(virtio::ID_VSOCK) else {
         serial::lock().str("probe: vsock no device\n");

@@ -36,8 +36,9 @@
 //!   trampoline, SIPI vector 1). Its image, .bss, 64 stacks of 16 KiB and
 //!   the 192 KiB `.dma` area of the virtio drivers (virtqueues and buffers;
 //!   both NOLOAD: in the last PT_LOAD's memory size, not in the file) and
-//!   the 28 KiB NOLOAD `.pvh` area (used only by the PVH entry) end near
-//!   0x250000.
+//!   the 28 KiB NOLOAD `.pvh` area (used only by the PVH entry) and the
+//!   NOLOAD `.noinit` area (state a step zeroes itself, e.g. the vsock
+//!   connection table) end near 0x251000.
 //!
 //! ## PVH entry (QEMU)
 //!

@@ -266,9 +266,9 @@ pub fn run(
         ) {
             Ok(h) => handles.push(h),
             Err(e) => {
-                // Threads already waiting at the gate must be let through
-                // to see `stop`; the gate is sized for all, so stop here
-                // without waiting (the process exits with the error).
+                // The threads already spawned wait at the gate, which is
+                // sized for all of them and is never opened: no guest code
+                // runs, and the process exits with this error.
                 stop.store(true, Ordering::Release);
                 return Err(VmmError::Thread(e));
             }

@@ -32,6 +32,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod block;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+pub(crate) mod test_queue;
 pub mod vsock;
 
 /// Feature bit: the device complies with virtio 1.0+ (the only mode here).

@@ -1091,14 +1091,14 @@ impl MutEventSubscriber for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
     use std::os::unix::net::UnixStream;
     use std::sync::Mutex;
     use std::time::Duration;
 
     use event_manager::{EventManager, SubscriberOps};
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use vm_memory::Address;
+
+    use crate::virtio::test_queue::DriverQueue;
 
     const MAC: [u8; 6] = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
     const MEM_SIZE: usize = 16 << 20;
@@ -1114,133 +1114,6 @@ mod tests {
     const OUTSIDE: u64 = 0x1_0000_0000;
     const R: bool = false;
     const W: bool = true;
-
-    /// The driver's side of one split queue.
-    struct DriverQueue {
-        desc: GuestAddress,
-        avail: GuestAddress,
-        used: GuestAddress,
-        free: Vec<u16>,
-        chains: HashMap<u16, Vec<u16>>,
-        avail_idx: u16,
-        used_seen: u16,
-        buf_base: u64,
-    }
-
-    impl DriverQueue {
-        fn new(base: u64, buf_base: u64) -> (Self, Queue) {
-            let size = u64::from(QSIZE);
-            let desc = base;
-            let avail = desc + 16 * size;
-            let used = (avail + 6 + 2 * size + 3) & !3;
-            let mut q = Queue::new(QUEUE_SIZE).unwrap();
-            q.set_size(QSIZE);
-            q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
-            q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
-            q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
-            q.set_ready(true);
-            let d = DriverQueue {
-                desc: GuestAddress(desc),
-                avail: GuestAddress(avail),
-                used: GuestAddress(used),
-                free: (0..QSIZE).rev().collect(),
-                chains: HashMap::new(),
-                avail_idx: 0,
-                used_seen: 0,
-                buf_base,
-            };
-            (d, q)
-        }
-
-        fn buf(&self, idx: u16) -> GuestAddress {
-            GuestAddress(self.buf_base + u64::from(idx) * SLOT)
-        }
-
-        fn write_desc(
-            &self,
-            mem: &GuestMemoryMmap,
-            idx: u16,
-            addr: u64,
-            len: u32,
-            flags: u16,
-            next: u16,
-        ) {
-            let mut raw = [0u8; 16];
-            raw[0..8].copy_from_slice(&addr.to_le_bytes());
-            raw[8..12].copy_from_slice(&len.to_le_bytes());
-            raw[12..14].copy_from_slice(&flags.to_le_bytes());
-            raw[14..16].copy_from_slice(&next.to_le_bytes());
-            mem.write_slice(&raw, self.desc.unchecked_add(16 * u64::from(idx)))
-                .unwrap();
-        }
-
-        /// Makes a chain of `(len, device-writable)` buffers available
-        /// (each in its own slot, or at `addr` when given); returns the
-        /// buffers' addresses.
-        fn add_chain_at(
-            &mut self,
-            mem: &GuestMemoryMmap,
-            parts: &[(Option<u64>, u32, bool)],
-        ) -> Vec<GuestAddress> {
-            assert!(self.free.len() >= parts.len(), "driver out of descriptors");
-            let idxs: Vec<u16> = (0..parts.len()).map(|_| self.free.pop().unwrap()).collect();
-            let mut addrs = Vec::new();
-            for (k, (&(addr, len, write), &idx)) in parts.iter().zip(&idxs).enumerate() {
-                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-                let mut next = 0;
-                if k + 1 < idxs.len() {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                    next = idxs[k + 1];
-                }
-                let addr = addr.unwrap_or(self.buf(idx).0);
-                self.write_desc(mem, idx, addr, len, flags, next);
-                addrs.push(GuestAddress(addr));
-            }
-            self.publish(mem, idxs[0]);
-            self.chains.insert(idxs[0], idxs);
-            addrs
-        }
-
-        fn add_chain(&mut self, mem: &GuestMemoryMmap, parts: &[(u32, bool)]) -> Vec<GuestAddress> {
-            let parts: Vec<_> = parts.iter().map(|&(l, w)| (None, l, w)).collect();
-            self.add_chain_at(mem, &parts)
-        }
-
-        fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-            let slot = u64::from(self.avail_idx % QSIZE);
-            mem.write_obj(head, self.avail.unchecked_add(4 + 2 * slot))
-                .unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            mem.write_obj(self.avail_idx, self.avail.unchecked_add(2))
-                .unwrap();
-        }
-
-        /// The next used entry: (head, used length).
-        fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u16, u32)> {
-            let used_idx: u16 = mem.read_obj(self.used.unchecked_add(2)).unwrap();
-            if used_idx == self.used_seen {
-                return None;
-            }
-            let elem = self
-                .used
-                .unchecked_add(4 + 8 * u64::from(self.used_seen % QSIZE));
-            let id: u32 = mem.read_obj(elem).unwrap();
-            let len: u32 = mem.read_obj(elem.unchecked_add(4)).unwrap();
-            self.used_seen = self.used_seen.wrapping_add(1);
-            let head = id as u16;
-            let idxs = self
-                .chains
-                .remove(&head)
-                .expect("used entry for a known chain");
-            self.free.extend(idxs);
-            Some((head, len))
-        }
-
-        fn used_count(&self, mem: &GuestMemoryMmap) -> u16 {
-            let used_idx: u16 = mem.read_obj(self.used.unchecked_add(2)).unwrap();
-            used_idx.wrapping_sub(self.used_seen)
-        }
-    }
 
     /// An activated device over a socketpair (the test holds passt's end).
     struct Harness {
@@ -1265,8 +1138,8 @@ mod tests {
 
         fn with_net(mut net: Net, peer: UnixStream) -> Harness {
             let mem = guest_mem();
-            let (rxq, rx) = DriverQueue::new(RX_RING, RX_BUFS);
-            let (txq, tx) = DriverQueue::new(TX_RING, TX_BUFS);
+            let (rxq, rx) = DriverQueue::new(QUEUE_SIZE, QSIZE, SLOT, RX_RING, RX_BUFS);
+            let (txq, tx) = DriverQueue::new(QUEUE_SIZE, QSIZE, SLOT, TX_RING, TX_BUFS);
             let irq = EventFd::new(EFD_NONBLOCK).unwrap();
             net.activate(ActivateContext {
                 mem: mem.clone(),
@@ -1296,7 +1169,7 @@ mod tests {
                 .chunks(split.max(1))
                 .map(|c| (c.len() as u32, R))
                 .collect();
-            let addrs = self.txq.add_chain(&self.mem, &parts);
+            let addrs = self.txq.add_chain_or_panic(&self.mem, &parts);
             for (a, c) in addrs.iter().zip(bytes.chunks(split.max(1))) {
                 self.mem.write_slice(c, *a).unwrap();
             }
@@ -1304,7 +1177,7 @@ mod tests {
 
         /// Posts one RX buffer of `len` bytes (one descriptor).
         fn post_rx(&mut self, len: u32) -> GuestAddress {
-            self.rxq.add_chain(&self.mem, &[(len, W)])[0]
+            self.rxq.add_chain_or_panic(&self.mem, &[(len, W)])[0]
         }
 
         fn read_guest(&self, addr: GuestAddress, len: usize) -> Vec<u8> {
@@ -1388,7 +1261,7 @@ mod tests {
         let mem = guest_mem();
         for n in [0usize, 1, 3] {
             let queues = (0..n)
-                .map(|i| DriverQueue::new(0x1000 * i as u64, RX_BUFS).1)
+                .map(|i| DriverQueue::new(QUEUE_SIZE, QSIZE, SLOT, 0x1000 * i as u64, RX_BUFS).1)
                 .collect();
             let err = net
                 .activate(ActivateContext {
@@ -1498,8 +1371,12 @@ mod tests {
             wire.extend_from_slice(f);
         }
         h.peer.write_all(&wire).unwrap();
-        let a = h.rxq.add_chain(&h.mem, &[(5, W), (7, W), (100, W)]);
-        let b = h.rxq.add_chain(&h.mem, &[(12, W), (1000, W), (526, W)]);
+        let a = h
+            .rxq
+            .add_chain_or_panic(&h.mem, &[(5, W), (7, W), (100, W)]);
+        let b = h
+            .rxq
+            .add_chain_or_panic(&h.mem, &[(12, W), (1000, W), (526, W)]);
         h.net.process_rx();
         assert_eq!(h.rxq.pop_used(&h.mem).map(|u| u.1), Some(72));
         assert_eq!(h.rxq.pop_used(&h.mem).map(|u| u.1), Some(12 + 1514));
@@ -1546,19 +1423,21 @@ mod tests {
         let mut h = Harness::new();
         let f = frame(100, 1);
         // A device-writable descriptor.
-        h.txq.add_chain(&h.mem, &[(12, R), (100, W)]);
+        h.txq.add_chain_or_panic(&h.mem, &[(12, R), (100, W)]);
         // Shorter than the header.
-        h.txq.add_chain(&h.mem, &[(8, R)]);
+        h.txq.add_chain_or_panic(&h.mem, &[(8, R)]);
         // A frame shorter than an Ethernet header.
-        h.txq.add_chain(&h.mem, &[(12 + 13, R)]);
+        h.txq.add_chain_or_panic(&h.mem, &[(12 + 13, R)]);
         // Over the maximum, split so no descriptor is large.
-        h.txq.add_chain(&h.mem, &[(12 + 40000, R), (25551, R)]);
+        h.txq
+            .add_chain_or_panic(&h.mem, &[(12 + 40000, R), (25551, R)]);
         // Outside guest memory, and wrapping the address space.
         h.txq
             .add_chain_at(&h.mem, &[(None, 12, R), (Some(OUTSIDE), 100, R)]);
         h.txq.add_chain_at(&h.mem, &[(Some(u64::MAX - 5), 112, R)]);
         // A chain of u32::MAX descriptors' worth is cut by the queue.
-        h.txq.add_chain(&h.mem, &[(u32::MAX, R), (u32::MAX, R)]);
+        h.txq
+            .add_chain_or_panic(&h.mem, &[(u32::MAX, R), (u32::MAX, R)]);
         h.net.process_tx();
         for _ in 0..7 {
             assert_eq!(h.txq.pop_used(&h.mem).map(|u| u.1), Some(0));
@@ -1592,8 +1471,8 @@ mod tests {
         h.peer_send(&large);
         h.peer_send(&small);
         // Unusable chains: returned empty, the frame waits.
-        h.rxq.add_chain(&h.mem, &[(12, W), (500, R)]);
-        h.rxq.add_chain(&h.mem, &[(20, W)]);
+        h.rxq.add_chain_or_panic(&h.mem, &[(12, W), (500, R)]);
+        h.rxq.add_chain_or_panic(&h.mem, &[(20, W)]);
         h.rxq.add_chain_at(&h.mem, &[(Some(OUTSIDE), 500, W)]);
         h.rxq.add_chain_at(
             &h.mem,
@@ -1797,8 +1676,8 @@ mod tests {
         let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
         em.add_subscriber(net.clone());
         let mem = guest_mem();
-        let (mut rxq, rx) = DriverQueue::new(RX_RING, RX_BUFS);
-        let (mut txq, tx) = DriverQueue::new(TX_RING, TX_BUFS);
+        let (mut rxq, rx) = DriverQueue::new(QUEUE_SIZE, QSIZE, SLOT, RX_RING, RX_BUFS);
+        let (mut txq, tx) = DriverQueue::new(QUEUE_SIZE, QSIZE, SLOT, TX_RING, TX_BUFS);
         net.lock()
             .unwrap()
             .activate(ActivateContext {
@@ -1828,7 +1707,7 @@ mod tests {
         }
         assert_eq!(peek_len(fd), 304);
         // The guest posts a buffer and kicks.
-        let buf = rxq.add_chain(&mem, &[(1526, W)])[0];
+        let buf = rxq.add_chain_or_panic(&mem, &[(1526, W)])[0];
         kick(RXQ);
         for _ in 0..5 {
             em.run_with_timeout(10).unwrap();
@@ -1838,7 +1717,7 @@ mod tests {
         mem.read_slice(&mut got, buf.unchecked_add(12)).unwrap();
         assert_eq!(got, f);
         // With a buffer posted, frames arriving later wake the loop.
-        rxq.add_chain(&mem, &[(1526, W)]);
+        rxq.add_chain_or_panic(&mem, &[(1526, W)]);
         kick(RXQ);
         em.run_with_timeout(10).unwrap();
         assert_eq!(net.lock().unwrap().link.watched, EventSet::IN);
@@ -1851,7 +1730,7 @@ mod tests {
         assert!(net.lock().unwrap().link.watched.is_empty());
 
         // TX through the loop.
-        let a = txq.add_chain(&mem, &[(12 + 100, R)]);
+        let a = txq.add_chain_or_panic(&mem, &[(12 + 100, R)]);
         mem.write_slice(&frame(100, 8), a[0].unchecked_add(12))
             .unwrap();
         kick(TXQ);
@@ -1865,7 +1744,7 @@ mod tests {
 
         // passt sends garbage: the backend is unwatched and closed (passt
         // sees EOF), the loop stays quiet, the VM goes on.
-        rxq.add_chain(&mem, &[(1526, W)]);
+        rxq.add_chain_or_panic(&mem, &[(1526, W)]);
         kick(RXQ);
         em.run_with_timeout(10).unwrap();
         peer.write_all(&[0, 0, 0, 0]).unwrap();
@@ -1877,7 +1756,7 @@ mod tests {
         peer.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
         assert_eq!(em.run_with_timeout(10).unwrap(), 0);
-        let a = txq.add_chain(&mem, &[(12 + 100, R)]);
+        let a = txq.add_chain_or_panic(&mem, &[(12 + 100, R)]);
         mem.write_slice(&frame(100, 8), a[0].unchecked_add(12))
             .unwrap();
         kick(TXQ);

@@ -10,14 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempdir::TempDir;
 
 use super::packet::*;
 use super::*;
+use crate::virtio::test_queue::DriverQueue;
 use crate::virtio::{ActivateContext, Interrupt, VirtioDevice};
 
 const GUEST_CID: u64 = 3;
@@ -27,133 +27,6 @@ const SLOT: u64 = 0x1_1000;
 const RX_DATA: u32 = 4096;
 const GUEST_BUF_ALLOC: u32 = 256 * 1024;
 const WAIT: Duration = Duration::from_secs(5);
-
-/// The driver's view of one split queue.
-struct DriverQueue {
-    desc: GuestAddress,
-    avail: GuestAddress,
-    used: GuestAddress,
-    free: Vec<u16>,
-    chains: HashMap<u16, Vec<u16>>,
-    avail_idx: u16,
-    used_seen: u16,
-    buf_base: u64,
-}
-
-impl DriverQueue {
-    /// A queue of `QUEUE_SIZE` at `base` (descriptor table, then the
-    /// available ring, then the used ring), buffers from `buf_base`.
-    ///
-    /// (`MockSplitQueue` places the used ring inside the available ring for
-    /// queues this large, so the layout is computed here.)
-    fn new(base: u64, buf_base: u64) -> (Self, Queue) {
-        let size = u64::from(QUEUE_SIZE);
-        let desc = base;
-        let avail = desc + 16 * size;
-        let used = (avail + 6 + 2 * size + 3) & !3;
-        let mut q = Queue::new(QUEUE_SIZE).unwrap();
-        q.set_size(QUEUE_SIZE);
-        q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
-        q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
-        q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
-        q.set_ready(true);
-        let d = DriverQueue {
-            desc: GuestAddress(desc),
-            avail: GuestAddress(avail),
-            used: GuestAddress(used),
-            free: (0..QUEUE_SIZE).rev().collect(),
-            chains: HashMap::new(),
-            avail_idx: 0,
-            used_seen: 0,
-            buf_base,
-        };
-        (d, q)
-    }
-
-    fn buf(&self, idx: u16) -> GuestAddress {
-        GuestAddress(self.buf_base + u64::from(idx) * SLOT)
-    }
-
-    /// Write a descriptor table entry by hand.
-    fn write_desc(
-        &self,
-        mem: &GuestMemoryMmap,
-        idx: u16,
-        addr: u64,
-        len: u32,
-        flags: u16,
-        next: u16,
-    ) {
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        mem.write_slice(&raw, self.desc.unchecked_add(16 * u64::from(idx)))
-            .unwrap();
-    }
-
-    /// Make a chain of `(len, device-writable)` buffers available; returns
-    /// the buffers' addresses, or `None` when out of descriptors.
-    fn add_chain(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        parts: &[(u32, bool)],
-    ) -> Option<Vec<GuestAddress>> {
-        if self.free.len() < parts.len() {
-            return None;
-        }
-        let idxs: Vec<u16> = (0..parts.len()).map(|_| self.free.pop().unwrap()).collect();
-        for (k, (&(len, write), &idx)) in parts.iter().zip(&idxs).enumerate() {
-            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-            let mut next = 0;
-            if k + 1 < idxs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-                next = idxs[k + 1];
-            }
-            self.write_desc(mem, idx, self.buf(idx).0, len, flags, next);
-        }
-        self.publish(mem, idxs[0]);
-        let addrs = idxs.iter().map(|&i| self.buf(i)).collect();
-        self.chains.insert(idxs[0], idxs);
-        Some(addrs)
-    }
-
-    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = u64::from(self.avail_idx % QUEUE_SIZE);
-        mem.write_obj(head, self.avail.unchecked_add(4 + 2 * slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, self.avail.unchecked_add(2))
-            .unwrap();
-    }
-
-    /// The next used entry: (descriptor indices of the chain, used length).
-    fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Option<(Vec<u16>, u32)> {
-        let used_idx: u16 = mem.read_obj(self.used.unchecked_add(2)).unwrap();
-        if used_idx == self.used_seen {
-            return None;
-        }
-        let elem = self
-            .used
-            .unchecked_add(4 + 8 * u64::from(self.used_seen % QUEUE_SIZE));
-        let id: u32 = mem.read_obj(elem).unwrap();
-        let len: u32 = mem.read_obj(elem.unchecked_add(4)).unwrap();
-        self.used_seen = self.used_seen.wrapping_add(1);
-        let idxs = self.chains.remove(&(id as u16)).unwrap_or_else(|| {
-            panic!(
-                "the device used chain {id} (len {len}), not given; given: {:?}",
-                self.chains.keys().collect::<Vec<_>>()
-            )
-        });
-        self.free.extend(&idxs);
-        Some((idxs, len))
-    }
-
-    fn outstanding(&self) -> usize {
-        self.chains.len()
-    }
-}
 
 /// A guest header from guest port `src` to host port `dst`.
 fn ghdr(op: u16, src_port: u32, dst_port: u32) -> Header {
@@ -197,9 +70,9 @@ impl Harness {
         let dir = TempDir::new_with_prefix("/tmp/ks-vsock-").unwrap();
         let uds = dir.as_path().join("v.sock");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let (rx, rxq) = DriverQueue::new(0x1000, 0x10_0000);
-        let (tx, txq) = DriverQueue::new(0x1_0000, 0x130_0000);
-        let (_ev, evq) = DriverQueue::new(0x2_0000, 0x250_0000);
+        let (rx, rxq) = DriverQueue::new(QUEUE_SIZE, QUEUE_SIZE, SLOT, 0x1000, 0x10_0000);
+        let (tx, txq) = DriverQueue::new(QUEUE_SIZE, QUEUE_SIZE, SLOT, 0x1_0000, 0x130_0000);
+        let (_ev, evq) = DriverQueue::new(QUEUE_SIZE, QUEUE_SIZE, SLOT, 0x2_0000, 0x250_0000);
         let vsock = Vsock::new(GUEST_CID, &uds).unwrap();
         let rx_kick = vsock.queue_events()[RXQ].try_clone().unwrap();
         let tx_kick = vsock.queue_events()[TXQ].try_clone().unwrap();

@@ -61,6 +61,8 @@ fn the_jailed_vmm_is_confined() {
     );
     vm.wait_stdout("probe: spinning", BOOT);
     let pid = jailed_child(vm.pid());
+    // The supervisor outside is filtered too.
+    assert_eq!(status_field(vm.pid(), "Seccomp:"), "2", "supervisor");
 
     assert_eq!(
         status_field(pid, "Uid:")

@@ -77,6 +77,10 @@ pub struct Cli {
     /// whole syscall surface of the host kernel).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Debugging: a syscall outside the seccomp allowlists is logged (its
+    /// number, on stderr) before the process ends, instead of a bare SIGSYS.
+    #[arg(long, conflicts_with = "no_seccomp")]
+    pub seccomp_log: bool,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
@@ -138,6 +142,8 @@ pub struct VmConfig {
     pub boot_timer: bool,
     /// Install the per-thread seccomp filters (default).
     pub seccomp: bool,
+    /// Log seccomp violations before ending the process.
+    pub seccomp_log: bool,
     /// virtio-blk disks, in order (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
     /// virtio-vsock device.
@@ -386,6 +392,7 @@ impl VmConfig {
             no_nested: cli.no_nested,
             boot_timer: cli.boot_timer,
             seccomp: !cli.no_seccomp,
+            seccomp_log: cli.seccomp_log,
             disks,
             vsock,
             net,

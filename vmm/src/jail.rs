@@ -125,6 +125,20 @@ pub fn enter_pid_namespace() -> Result<Side, JailError> {
             }
         })?;
     }
+    // The supervisor only waits, forwards signals and cleans up: filter it
+    // too.
+    let prog = crate::seccomp::program(
+        crate::seccomp::ThreadKind::Supervisor,
+        crate::seccomp::Violation::Kill,
+    )
+    .map_err(|e| JailError::Sys {
+        what: "seccomp filter",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    crate::seccomp::install(&prog).map_err(|e| JailError::Sys {
+        what: "seccomp filter",
+        source: std::io::Error::other(e.to_string()),
+    })?;
     loop {
         let mut status = 0;
         // SAFETY: waitpid on our child with a valid status pointer.

@@ -24,6 +24,9 @@ pub enum SeccompError {
     /// The filter could not be built.
     #[error("cannot build the seccomp filter: {0}")]
     Build(seccompiler::BackendError),
+    /// The SIGSYS handler of `--seccomp-log` could not be installed.
+    #[error("cannot install the SIGSYS handler: {0}")]
+    Handler(std::io::Error),
     /// The kernel refused the filter.
     #[error("cannot install the seccomp filter: {0}")]
     Install(seccompiler::Error),
@@ -36,6 +39,19 @@ pub enum ThreadKind {
     Vmm,
     /// A vCPU thread.
     Vcpu,
+    /// The jail's supervisor process outside the namespaces: it only waits
+    /// for the jailed VMM, forwards signals and cleans up.
+    Supervisor,
+}
+
+/// What a syscall outside the allowlist does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Violation {
+    /// Kill the process (SIGSYS), the default.
+    Kill,
+    /// Debugging (`--seccomp-log`): log the syscall number on stderr, then
+    /// end the process.
+    Log,
 }
 
 // KVM ioctl request numbers.
@@ -69,6 +85,27 @@ pub const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_close,
     libc::SYS_fcntl,
     libc::SYS_exit,
+];
+
+/// Syscalls of the jail supervisor (`kill` to forward SIGTERM/SIGINT).
+pub const SUPERVISOR_SYSCALLS: &[i64] = &[
+    libc::SYS_wait4,
+    libc::SYS_kill,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_restart_syscall,
+    libc::SYS_unlink,
+    libc::SYS_rmdir,
+    libc::SYS_write,
+    libc::SYS_close,
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_madvise,
+    libc::SYS_futex,
+    libc::SYS_sigaltstack,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
 ];
 
 /// Syscalls of the VMM thread (`ioctl` narrowed to terminal modes and FIONBIO,
@@ -131,6 +168,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     let list = match kind {
         ThreadKind::Vcpu => VCPU_SYSCALLS,
         ThreadKind::Vmm => VMM_SYSCALLS,
+        ThreadKind::Supervisor => SUPERVISOR_SYSCALLS,
     };
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = list.iter().map(|&nr| (nr, vec![])).collect();
     match kind {
@@ -152,16 +190,21 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             );
             map.insert(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
         }
+        ThreadKind::Supervisor => {}
     }
     Ok(map)
 }
 
 /// The BPF program for `kind`: allowed calls pass, anything else kills the
 /// process.
-pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+pub fn program(kind: ThreadKind, violation: Violation) -> Result<BpfProgram, SeccompError> {
+    let mismatch = match violation {
+        Violation::Kill => SeccompAction::KillProcess,
+        Violation::Log => SeccompAction::Trap,
+    };
     let filter = SeccompFilter::new(
         rules(kind).map_err(SeccompError::Build)?,
-        SeccompAction::KillProcess,
+        mismatch,
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
@@ -174,6 +217,56 @@ pub fn install(prog: &BpfProgram) -> Result<(), SeccompError> {
     seccompiler::apply_filter(prog).map_err(SeccompError::Install)
 }
 
+/// Offset of `si_syscall` in a SIGSYS `siginfo_t` on x86_64: after
+/// si_signo, si_errno, si_code and padding (16 bytes), then `_call_addr`.
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for SIGSYS, whose
+    // `_sigsys._syscall` int lies at SI_SYSCALL_OFFSET.
+    let nr = unsafe {
+        info.cast::<u8>()
+            .add(SI_SYSCALL_OFFSET)
+            .cast::<i32>()
+            .read_unaligned()
+    };
+    // Format without allocating: this runs in a signal handler.
+    const PREFIX: &[u8] = b"keystone-vmm: seccomp: blocked syscall ";
+    let mut buf = [0u8; 64];
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
+    let mut n = nr.unsigned_abs();
+    let mut d = 0;
+    loop {
+        digits[d] = b'0' + (n % 10) as u8;
+        d += 1;
+        n /= 10;
+        if n == 0 || d == digits.len() {
+            break;
+        }
+    }
+    let mut len = PREFIX.len();
+    for k in (0..d).rev() {
+        buf[len] = digits[k];
+        len += 1;
+    }
+    buf[len] = b'\n';
+    len += 1;
+    // SAFETY: write(2) and exit_group(2) are async-signal-safe; the buffer
+    // is valid. Where exit_group is itself filtered (vCPU threads), the
+    // nested violation kills the process: it ends either way.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), len);
+        libc::syscall(libc::SYS_exit_group, 159);
+    }
+}
+
+/// With [`Violation::Log`]: catch SIGSYS to log the blocked syscall.
+pub fn install_log_handler() -> Result<(), SeccompError> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
+        .map_err(|e| SeccompError::Handler(e.into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,7 +275,10 @@ mod tests {
     fn lists_stay_within_firecrackers_sizes() {
         assert!(VCPU_SYSCALLS.len() <= 27, "{}", VCPU_SYSCALLS.len());
         assert!(VMM_SYSCALLS.len() <= 50, "{}", VMM_SYSCALLS.len());
-        for list in [VCPU_SYSCALLS, VMM_SYSCALLS] {
+        assert!(SUPERVISOR_SYSCALLS.len() <= 20);
+        assert!(program(ThreadKind::Supervisor, Violation::Kill).is_ok());
+        assert!(program(ThreadKind::Vmm, Violation::Log).is_ok());
+        for list in [VCPU_SYSCALLS, VMM_SYSCALLS, SUPERVISOR_SYSCALLS] {
             for forbidden in [
                 libc::SYS_execve,
                 libc::SYS_fork,
@@ -193,14 +289,14 @@ mod tests {
                 assert!(!list.contains(&forbidden));
             }
         }
-        assert!(program(ThreadKind::Vcpu).is_ok());
-        assert!(program(ThreadKind::Vmm).is_ok());
+        assert!(program(ThreadKind::Vcpu, Violation::Kill).is_ok());
+        assert!(program(ThreadKind::Vmm, Violation::Kill).is_ok());
     }
 
     /// Runs `f` in a forked child with `kind`'s filter installed; returns
     /// the signal that killed it, or None if it exited 0.
     fn in_filtered_child(kind: ThreadKind, f: fn()) -> Option<i32> {
-        let prog = program(kind).unwrap();
+        let prog = program(kind, Violation::Kill).unwrap();
         // SAFETY: fork(2) in a test process; the child only installs the
         // prebuilt filter (prctl/seccomp syscalls, no allocation), makes raw
         // syscalls and leaves with _exit, all async-signal-safe.
@@ -226,6 +322,61 @@ mod tests {
             assert_eq!(libc::WEXITSTATUS(status), 0, "child exit status");
             None
         }
+    }
+
+    #[test]
+    fn log_mode_names_the_blocked_syscall() {
+        let prog = program(ThreadKind::Vcpu, Violation::Log).unwrap();
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe(2) with a valid 2-int array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: as in `in_filtered_child`; the child also dup2s the pipe
+        // onto stderr (async-signal-safe).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: dup2/close on fds we own; then the filtered syscall.
+            unsafe {
+                libc::dup2(fds[1], 2);
+                libc::close(fds[0]);
+            }
+            if install_log_handler().is_err() || install(&prog).is_err() {
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(2) };
+            }
+            // SAFETY: execve with null pointers; the filter traps it first.
+            unsafe {
+                libc::syscall(libc::SYS_execve, 0usize, 0usize, 0usize);
+                libc::syscall(libc::SYS_exit, 0);
+            }
+        }
+        // SAFETY: closing our copy of the write end.
+        unsafe { libc::close(fds[1]) };
+        let mut out = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            // SAFETY: read into a valid buffer from our pipe.
+            let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(
+            text,
+            format!(
+                "keystone-vmm: seccomp: blocked syscall {}\n",
+                libc::SYS_execve
+            )
+        );
+        assert!(
+            libc::WIFSIGNALED(status) || libc::WEXITSTATUS(status) == 159,
+            "the process ends: {status:#x}"
+        );
     }
 
     #[test]

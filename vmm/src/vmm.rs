@@ -18,7 +18,7 @@ use vmm_sys_util::terminal::Terminal;
 
 use crate::builder::{build, BuildError};
 use crate::config::{SerialConfig, VmConfig};
-use crate::seccomp::{self, ThreadKind};
+use crate::seccomp::{self, ThreadKind, Violation};
 use crate::signals;
 use crate::vcpu::{VcpuResult, VcpuStop};
 
@@ -241,9 +241,16 @@ pub fn run(
         );
     }
     let (vmm_filter, vcpu_filter) = if config.seccomp {
+        let violation = if config.seccomp_log {
+            seccomp::install_log_handler()?;
+            tracing::warn!("seccomp violations are logged (--seccomp-log): for debugging only");
+            Violation::Log
+        } else {
+            Violation::Kill
+        };
         (
-            Some(seccomp::program(ThreadKind::Vmm)?),
-            Some(Arc::new(seccomp::program(ThreadKind::Vcpu)?)),
+            Some(seccomp::program(ThreadKind::Vmm, violation)?),
+            Some(Arc::new(seccomp::program(ThreadKind::Vcpu, violation)?)),
         )
     } else {
         tracing::warn!("seccomp filters are off (--no-seccomp): for debugging only");

@@ -172,6 +172,39 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// Copy a device's configuration space, starting at the guest-controlled
+/// `offset`, into `data`; bytes past the end of `config` read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(start) = usize::try_from(offset).ok().filter(|&s| s < config.len()) else {
+        return;
+    };
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+/// Add a device's queue eventfds to the event loop once (a device that is
+/// reset and activated again keeps them registered).
+pub fn watch_queue_events(
+    ops: &mut event_manager::EventOps,
+    evts: &[EventFd],
+    watched: &mut bool,
+    device: &str,
+) {
+    if *watched {
+        return;
+    }
+    for evt in evts {
+        if let Err(e) = ops.add(event_manager::Events::new(
+            evt,
+            vmm_sys_util::epoll::EventSet::IN,
+        )) {
+            tracing::error!("{device}: cannot watch a queue eventfd: {e}");
+        }
+    }
+    *watched = true;
+}
+
 /// Logs a message the first time only (guest-triggered errors must not
 /// flood the log).
 #[derive(Debug, Default)]
@@ -195,6 +228,20 @@ impl LogOnce {
 mod tests {
     use super::*;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn config_reads_are_windowed_and_zero_filled() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut d = [0xffu8; 3];
+        read_config_bytes(&cfg, 2, &mut d);
+        assert_eq!(d, [3, 4, 0]);
+        read_config_bytes(&cfg, 4, &mut d);
+        assert_eq!(d, [0; 3]);
+        let mut d = [0xffu8; 2];
+        read_config_bytes(&cfg, u64::MAX, &mut d);
+        assert_eq!(d, [0; 2]);
+        read_config_bytes(&cfg, 0, &mut []);
+    }
 
     #[test]
     fn interrupt_status_is_set_signalled_and_acked() {

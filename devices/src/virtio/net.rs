@@ -954,15 +954,12 @@ impl Net {
     }
 
     fn watch_queues(&mut self, ops: &mut EventOps) {
-        if self.queue_evts_watched {
-            return;
-        }
-        for evt in &self.queue_evts {
-            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                tracing::error!("virtio-net: cannot watch a queue eventfd: {e}");
-            }
-        }
-        self.queue_evts_watched = true;
+        super::watch_queue_events(
+            ops,
+            &self.queue_evts,
+            &mut self.queue_evts_watched,
+            "virtio-net",
+        );
     }
 
     /// Handles one event on `fd` (the body of `process`, epoll aside).
@@ -1019,15 +1016,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start >= CONFIG_LEN {
-            return;
-        }
-        let n = data.len().min(CONFIG_LEN - start);
-        data[..n].copy_from_slice(&self.mac[start..start + n]);
+        super::read_config_bytes(&self.mac[..CONFIG_LEN], offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

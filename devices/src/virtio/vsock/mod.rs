@@ -313,15 +313,7 @@ impl Vsock {
     }
 
     fn watch_queues(&mut self, ops: &mut EventOps) {
-        if self.queue_evts_watched {
-            return;
-        }
-        for evt in &self.queue_evts {
-            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                tracing::error!("vsock: cannot watch a queue eventfd: {e}");
-            }
-        }
-        self.queue_evts_watched = true;
+        super::watch_queue_events(ops, &self.queue_evts, &mut self.queue_evts_watched, "vsock");
     }
 
     /// Handle one event on `fd` (the body of `process`, `ops` abstracted).
@@ -384,14 +376,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

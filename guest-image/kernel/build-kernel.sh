@@ -1,36 +1,71 @@
 #!/usr/bin/env bash
-# Build the Keystone guest kernel from Debian's linux-source-6.1 with our
-# config fragment, cached by content hash (source tarball + fragment + this
-# script). Prints the cache directory holding vmlinux and bzImage.
+# Build a Keystone guest kernel from Debian's linux-source-6.1: `make
+# tinyconfig`, then our fragments, then (for some variants) our patches,
+# cached by content hash (source tarball + fragments + patches + this script).
+# Prints the cache directory holding vmlinux, bzImage and .config.
 #
-#   guest-image/kernel/build-kernel.sh [CACHE_ROOT]
+#   guest-image/kernel/build-kernel.sh [--variant NAME] [CACHE_ROOT]
+#
+# Variants:
+#   sandbox   (default) keystone.config + sandbox.config: the sandbox kernel
+#             (systemd, OpenSSH, overlay root); also the smoke image's kernel.
+#   minimal   keystone.config only: the device surface and a busybox init.
+#   pvm-test  keystone.config + pvm-test.config + pvm-test.patch: TEST ONLY,
+#             for PVM hosts (see pvm-test.config); never a sandbox's kernel.
 #
 # Needs: linux-source-6.1 flex bison bc libelf-dev libssl-dev (Debian).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+variant=sandbox
+if [ "${1:-}" = "--variant" ]; then variant="${2:?--variant needs a name}"; shift 2; fi
 cache_root="${1:-${XDG_CACHE_HOME:-$HOME/.cache}/keystone/kernel}"
+case "$variant" in
+  sandbox)  fragments=("$here/keystone.config" "$here/sandbox.config"); patches=() ;;
+  minimal)  fragments=("$here/keystone.config"); patches=() ;;
+  pvm-test) fragments=("$here/keystone.config" "$here/pvm-test.config"); patches=("$here/pvm-test.patch") ;;
+  *) echo "error: unknown kernel variant '$variant' (sandbox, minimal, pvm-test)" >&2; exit 2 ;;
+esac
 tarball=/usr/src/linux-source-6.1.tar.xz
 [ -r "$tarball" ] || { echo "error: $tarball missing: apt-get install linux-source-6.1" >&2; exit 1; }
-fragment="$here/keystone.config"
-hash="$( (sha256sum "$tarball" | cut -d' ' -f1; cat "$fragment" "$0") | sha256sum | cut -c1-16)"
-out="$cache_root/$hash"
+for f in "${fragments[@]}" "${patches[@]}"; do
+  [ -r "$f" ] || { echo "error: $f missing" >&2; exit 1; }
+done
+hash="$( (sha256sum "$tarball" | cut -d' ' -f1; echo "$variant"; cat "${fragments[@]}" "${patches[@]}" "$0") | sha256sum | cut -c1-16)"
+out="$cache_root/$variant-$hash"
 if [ -s "$out/vmlinux" ] && [ -s "$out/bzImage" ]; then
   echo "$out"; exit 0
 fi
 start=$(date +%s)
-work="$cache_root/build-$hash"
+work="$cache_root/build-$variant-$hash"
 rm -rf "$work"; mkdir -p "$work"
+echo "kernel ($variant): unpacking $tarball" >&2
 tar -C "$work" -xf "$tarball"
 src="$work/linux-source-6.1"
-make -C "$src" -s tinyconfig >&2
-"$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "$fragment" >&2
-make -C "$src" -s olddefconfig >&2
-for opt in VIRTIO_MMIO_CMDLINE_DEVICES VIRTIO_BLK VIRTIO_NET VIRTIO_VSOCKETS EXT4_FS SERIAL_8250_CONSOLE PVH; do
-  grep -q "^CONFIG_$opt=y" "$src/.config" || { echo "error: CONFIG_$opt did not stick" >&2; exit 1; }
+for p in "${patches[@]}"; do
+  echo "kernel ($variant): applying $(basename "$p")" >&2
+  patch -d "$src" -p1 --quiet < "$p"
 done
-make -C "$src" -s -j"$(nproc)" vmlinux bzImage >&2
+make -C "$src" -s tinyconfig >&2
+"$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "${fragments[@]}" >/dev/null
+make -C "$src" -s olddefconfig >&2
+# Every =y line of every fragment must have survived olddefconfig.
+for f in "${fragments[@]}"; do
+  for opt in $(sed -n 's/^\(CONFIG_[A-Z0-9_]*\)=y$/\1/p' "$f"); do
+    grep -q "^$opt=y" "$src/.config" || { echo "error: $opt (from $(basename "$f")) did not stick" >&2; exit 1; }
+  done
+done
+log="$work/build.log"
+echo "kernel ($variant): compiling with $(nproc) jobs (about 8 min on 2 cores); log: $log" >&2
+make -C "$src" -j"$(nproc)" vmlinux bzImage > "$log" 2>&1 &
+mpid=$!
+while kill -0 "$mpid" 2>/dev/null; do
+  sleep 30
+  kill -0 "$mpid" 2>/dev/null && echo "kernel ($variant): $(( $(date +%s) - start )) s, $(grep -c '^ *CC' "$log" || true) files compiled" >&2
+done
+if ! wait "$mpid"; then tail -30 "$log" >&2; echo "error: kernel build failed; log: $log" >&2; exit 1; fi
 mkdir -p "$out.tmp"
 cp "$src/vmlinux" "$src/arch/x86/boot/bzImage" "$src/.config" "$out.tmp/"
+make -C "$src" -s kernelrelease > "$out.tmp/kernelrelease"
 rm -rf "$out"; mv "$out.tmp" "$out"; rm -rf "$work"
-echo "kernel built in $(( $(date +%s) - start )) s" >&2
+echo "kernel ($variant): built in $(( $(date +%s) - start )) s" >&2
 echo "$out"

@@ -143,6 +143,12 @@ impl DeviceManager {
         let mut mmio = Bus::new();
 
         let out: SerialOut = match serial_cfg {
+            // Redirected to a regular file (e.g. a sandbox's console.log):
+            // the same cap as --serial file:, so a chatty guest cannot fill
+            // the host's disk.
+            SerialConfig::Stdio if stdout_is_regular_file() => {
+                Box::new(CappedWriter::new(std::io::stdout(), SERIAL_FILE_LIMIT))
+            }
             SerialConfig::Stdio => Box::new(std::io::stdout()),
             SerialConfig::None => Box::new(std::io::sink()),
             SerialConfig::File(path) => Box::new(CappedWriter::new(
@@ -254,4 +260,9 @@ impl DeviceManager {
             .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
         Ok(())
     }
+}
+
+/// Whether our stdout is a regular file (not a terminal or a pipe).
+fn stdout_is_regular_file() -> bool {
+    std::fs::metadata("/proc/self/fd/1").is_ok_and(|m| m.is_file())
 }

@@ -3,5 +3,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod agent;
 pub mod bench;
 pub mod doctor;
+pub mod image;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use keystone_cli::bench::{self, BootBench, Guest, Peer};
 use keystone_cli::doctor::{self, HostReport};
+use keystone_cli::image;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,11 +24,51 @@ struct Cli {
 enum Command {
     /// Check whether this host can run Keystone sandboxes (exit 0 yes, 4 no).
     Doctor,
+    /// Guest images: build the sandbox image (cached by content hash).
+    Image {
+        #[command(subcommand)]
+        what: ImageCommand,
+    },
+    /// Agent sandboxes: one microVM per git project.
+    Agent {
+        #[command(subcommand)]
+        verb: keystone_cli::agent::cli::AgentCommand,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Build the guest image (kernel, rootfs.ext4, manifest.json) unless the
+    /// cache already holds one built from the same inputs; print its directory.
+    Build(ImageBuildArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BuilderName {
+    /// Nix where a Nix store exists, else Debian.
+    Auto,
+    /// debootstrap + Debian packages (needs root or sudo).
+    Debian,
+    /// nix build guest-image#image.
+    Nix,
+}
+
+#[derive(Debug, Args)]
+struct ImageBuildArgs {
+    /// Which builder.
+    #[arg(long, value_enum, default_value_t = BuilderName::Auto)]
+    builder: BuilderName,
+    /// Rebuild even if the cache holds this image.
+    #[arg(long)]
+    force: bool,
+    /// Print the manifest as JSON instead of the directory.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +199,33 @@ fn bench_boot(a: BootArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn image_build(a: ImageBuildArgs) -> ExitCode {
+    let builder = match a.builder {
+        BuilderName::Auto => image::Builder::auto(),
+        BuilderName::Debian => image::Builder::Debian,
+        BuilderName::Nix => image::Builder::Nix,
+    };
+    let opts = image::BuildOptions {
+        builder,
+        force: a.force,
+        ..image::BuildOptions::default()
+    };
+    match image::build(&opts) {
+        Ok(img) if a.json => match serde_json::to_string_pretty(&img.manifest) {
+            Ok(j) => {
+                println!("{j}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, e),
+        },
+        Ok(img) => {
+            println!("{}", img.dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -166,8 +234,12 @@ fn main() -> ExitCode {
             println!("{report}");
             ExitCode::from(report.exit_code())
         }
+        Command::Agent { verb } => ExitCode::from(keystone_cli::agent::cli::run(verb)),
         Command::Bench {
             what: BenchCommand::Boot(a),
         } => bench_boot(a),
+        Command::Image {
+            what: ImageCommand::Build(a),
+        } => image_build(a),
     }
 }

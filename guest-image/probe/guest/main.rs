@@ -125,7 +125,8 @@ extern "C" fn rust_main(boot_params: u64) -> ! {
 }
 
 /// Runs one `probe=` step (see `src/lib.rs` for the list). Steps that end
-/// the run (`reset`, `fault`, `spin`) do not return.
+/// the run (`reset`, `fault`, `spin`, and `ready` when there is a vsock
+/// device) do not return.
 fn run_step(step: &[u8], cmdline: &[u8]) {
     match step {
         b"timer" => {
@@ -140,6 +141,7 @@ fn run_step(step: &[u8], cmdline: &[u8]) {
         b"blk" => blk::run(cmdline),
         b"blkbench" => blk::bench(cmdline),
         b"vsock" => vsock::run(cmdline),
+        b"ready" => vsock::ready(cmdline),
         b"net" => net::run(cmdline),
         b"netbench" => net::bench(cmdline),
         b"reset" => {

@@ -953,6 +953,86 @@ impl Vsock {
     }
 }
 
+/// Host port of the readiness connection (`keystone agent`'s READY_PORT).
+const READY_PORT: u32 = 1024;
+/// What the `ready` step sends: the readiness line of protocol version 1,
+/// no host keys, the end line.
+const READY_MESSAGE: &[u8] = b"keystone-ready 1\nend\n";
+/// Connection attempts of the `ready` step, one second apart.
+const READY_ATTEMPTS: u32 = 5;
+
+impl Vsock {
+    /// Connects to the host's [`READY_PORT`], sends [`READY_MESSAGE`] and
+    /// closes. Returns whether the whole message went out.
+    fn send_ready(&mut self) -> bool {
+        let Some(c) = self.connect(READY_PORT) else {
+            return false;
+        };
+        let len = READY_MESSAGE.len() as u32;
+        let credit = self.wait_until(LINE_TICKS, |_| {
+            conn(c).state.get() != OPEN || peer_credit(c) >= len
+        });
+        let mut sent = false;
+        if credit && conn(c).state.get() == OPEN {
+            if let Some(slot) = self.wait_tx_slot() {
+                let buf = self.tx_data(slot);
+                for (i, &b) in READY_MESSAGE.iter().enumerate() {
+                    virtio::wr8(buf + i as u64, b);
+                }
+                self.send_in(slot, To::Conn(c), OP_RW, 0, buf, len);
+                // Wait for the device to take it before shutting down.
+                self.wait_until(LINE_TICKS, |_| G.tx_busy.get() == 0);
+                sent = true;
+            }
+        }
+        self.shutdown(c);
+        sent
+    }
+
+    /// Serves the device forever: answers whatever arrives (requests to
+    /// ports nobody listens on get RST, transport resets are handled).
+    /// With no connection open it sleeps until the device interrupts (no
+    /// timer: an idle guest costs the host nothing); otherwise it polls
+    /// between timer ticks so closing connections still time out.
+    fn idle_forever(&mut self) -> ! {
+        loop {
+            if self.poll() {
+                self.waiter.found();
+                continue;
+            }
+            if G.live.get() == 0 {
+                crate::cpu::wait_for_interrupt();
+            } else if !self.waiter.sleep() {
+                self.tick();
+            }
+        }
+    }
+}
+
+/// Runs the `ready` step: tells the host the guest is up (see `src/lib.rs`),
+/// then serves vsock until the VMM is stopped. Returns only if there is no
+/// usable vsock device.
+pub fn ready(cmdline: &[u8]) {
+    let Some(mut v) = open_device(cmdline) else {
+        return;
+    };
+    let mut attempt = 1;
+    loop {
+        if v.send_ready() {
+            serial::lock().str("probe: ready sent\n");
+            break;
+        }
+        if attempt == READY_ATTEMPTS {
+            serial::lock().str("probe: ready failed\n");
+            break;
+        }
+        attempt += 1;
+        v.wait_until(SECOND, |_| false);
+    }
+    serial::lock().str("probe: ready idle\n");
+    v.idle_forever()
+}
+
 /// A number-valued command-line token, or `None` (with a line) if it is
 /// there but not a number.
 fn token_u32(cmdline: &[u8], key: &str) -> Option<u32> {
@@ -968,7 +1048,6 @@ fn token_u32(cmdline: &[u8], key: &str) -> Option<u32> {
     n
 }
 
-/// Runs the `vsock` step.
 /// Zeroes the connection table (see [`CONNS`]).
 fn reset_conns() {
     let addr = CONNS.as_ptr() as u64;
@@ -988,27 +1067,22 @@ fn reset_conns() {
     }
 }
 
-pub fn run(cmdline: &[u8]) {
+/// Finds, initializes and starts the first virtio-vsock device: queues
+/// set up, rx and event buffers posted, `probe: vsock cid=<cid>` printed.
+/// `None` (with the failure line printed) if that did not work.
+fn open_device(cmdline: &[u8]) -> Option<Vsock> {
     reset_conns();
     virtio::discover(cmdline);
     let Some(dev) = virtio::find(virtio::ID_VSOCK) else {
         serial::lock().str("probe: vsock no device\n");
-        return;
+        return None;
     };
-    if virtio::init(dev, "vsock", 0).is_none() {
-        return;
-    }
-    let Some(rx) = Virtq::setup(dev, "vsock", 0, pages::VSOCK_RX_QUEUE, RX_QUEUE_SIZE) else {
-        return;
-    };
-    let Some(tx) = Virtq::setup(dev, "vsock", 1, pages::VSOCK_TX_QUEUE, TX_QUEUE_SIZE) else {
-        return;
-    };
-    let Some(ev) = Virtq::setup(dev, "vsock", 2, pages::VSOCK_EVENT_QUEUE, EVENT_QUEUE_SIZE) else {
-        return;
-    };
+    virtio::init(dev, "vsock", 0)?;
+    let rx = Virtq::setup(dev, "vsock", 0, pages::VSOCK_RX_QUEUE, RX_QUEUE_SIZE)?;
+    let tx = Virtq::setup(dev, "vsock", 1, pages::VSOCK_TX_QUEUE, TX_QUEUE_SIZE)?;
+    let ev = Virtq::setup(dev, "vsock", 2, pages::VSOCK_EVENT_QUEUE, EVENT_QUEUE_SIZE)?;
     if !virtio::driver_ok(dev, "vsock") {
-        return;
+        return None;
     }
     let mut v = Vsock {
         dev,
@@ -1034,6 +1108,15 @@ pub fn run(cmdline: &[u8]) {
     }
     v.ev.notify();
     serial::lock().str("probe: vsock cid=").dec(v.cid).str("\n");
+    Some(v)
+}
+
+/// Runs the `vsock` step.
+pub fn run(cmdline: &[u8]) {
+    let Some(mut v) = open_device(cmdline) else {
+        return;
+    };
+    let dev = v.dev;
 
     if let Some(port) = token_u32(cmdline, "probe.vsock_connect=") {
         v.run_connect(port);

@@ -27,7 +27,7 @@
 //!   0xfec00000), local APICs at 0xfee00000 (their timers count at KVM's
 //!   1 GHz), i8042 at 0x60/0x64, boot timer at MMIO 0xc000_0000.
 //! - virtio-mmio devices (only for the `virtio`, `blk`, `blkbench`,
-//!   `vsock`, `net` and `netbench` steps):
+//!   `vsock`, `ready`, `net` and `netbench` steps):
 //!   one `virtio_mmio.device=<size>@<base>:<gsi>` token per device on the
 //!   command line (Linux's syntax; size with an optional K/M/G suffix, e.g.
 //!   `4K@0xc0001000:5`), registers below 4 GiB, the interrupt on IOAPIC pin
@@ -97,6 +97,7 @@
 //! | `blkbench` | sequential write, FLUSH, then read of `probe.blkbench_mib=` MiB (16) in `probe.blkbench_kib=` KiB requests (128), one in flight, from/to plain RAM at 0x400000 | `probe: blkbench write start`, `probe: blkbench write done bytes=<n>`, `probe: blkbench read start`, `probe: blkbench read done bytes=<n>` |
 //! | `net`   | drives the first virtio-net device (id 1): DHCP DISCOVER, ARP request; see [virtio-net](#virtio-net-the-net-and-netbench-steps) | `probe: net mac=<aa:bb:cc:dd:ee:ff>` ... `probe: net done` |
 //! | `netbench` | sends `probe.netbench_frames=` (10000) 1514-byte broadcast frames (ethertype 0x88b5) as fast as the tx queue takes them | `probe: net mac=<mac>`, `probe: netbench start`, `probe: netbench done frames=<n> bytes=<n>` |
+//! | `ready` | drives the first virtio-vsock device, sends `keystone agent`'s readiness message to host port 1024 and serves vsock until the VM is stopped; see [the `ready` step](#the-ready-step) | `probe: vsock cid=<cid>`, `probe: ready sent` (or `probe: ready failed`), `probe: ready idle` |
 //! | `reset` | `out 0x64, 0xfe` (i8042 CPU reset: the VMM should exit 0), then halts | `probe: reset` |
 //! | `fault` | loads an empty IDT and executes `ud2`: a triple fault (the VMM should exit non-zero) | `probe: fault` |
 //! | `spin`  | `cli; hlt` forever (for signal handling tests) | `probe: spinning` |
@@ -237,6 +238,26 @@
 //! (no tx slot came back in 2 s), `probe: vsock bad <token>` for a value
 //! that is not a number, `probe: vsock connection table full`.
 //!
+//! ## The `ready` step
+//!
+//! What `keystone agent start` waits for (the probe image that
+//! `keystone_cli::image::write_probe_image` writes has `probe=ready` on its
+//! command line). The vsock device is set up as for `vsock` (same queues,
+//! credit rules and failure lines; `probe: vsock cid=<cid>` once it is up).
+//! Then the probe connects to the host (CID 2) port 1024, sends
+//! `keystone-ready 1\nend\n` (the readiness message of protocol version 1
+//! with no `hostkey` lines), waits for the device to take it, shuts the
+//! connection down as in connect mode and prints `probe: ready sent`. A
+//! refused or unanswered connection, or a message that could not be sent,
+//! is tried again a second later, 5 times in all; then `probe: ready
+//! failed`. Either way it prints `probe: ready idle` and serves the device
+//! forever: packets are handled as in the `vsock` step with no listening
+//! port (every REQUEST gets an RST), transport-reset events close every
+//! connection. While no connection is open it sleeps in `sti; hlt` with no
+//! timer armed, so an idle probe costs the host nothing; the step never
+//! returns (`probe: halted` is not printed) unless there is no usable vsock
+//! device (`probe: vsock no device`, ...), in which case the run goes on.
+//!
 //! ## virtio-net: the `net` and `netbench` steps
 //!
 //! Features: VIRTIO_NET_F_MAC (bit 5) if offered, nothing else (no
@@ -295,8 +316,8 @@ pub const LOAD_ADDR: u64 = 0x10_0000;
 
 /// The step names the probe understands in `probe=`.
 pub const STEPS: &[&str] = &[
-    "timer", "smp", "echo", "virtio", "blk", "blkbench", "vsock", "net", "netbench", "reset",
-    "fault", "spin",
+    "timer", "smp", "echo", "virtio", "blk", "blkbench", "vsock", "ready", "net", "netbench",
+    "reset", "fault", "spin",
 ];
 
 /// Bytes of a disk sector as the `blk` step uses them.
@@ -542,6 +563,10 @@ mod tests {
             "probe: vsock bulk sent ",
             "probe: vsock irqs=",
             "probe: vsock done",
+            "keystone-ready 1\nend\n",
+            "probe: ready sent",
+            "probe: ready failed",
+            "probe: ready idle",
             "probe: net mac=",
             "probe: net dhcp offer ip=",
             " server=",

@@ -1,0 +1,517 @@
+//! `keystone agent ...`: argument parsing (clap) and printing for the
+//! life-cycle verbs. `main.rs` only forwards [`AgentCommand`] to [`run`].
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use super::lifecycle::{self, NetworkChoice, StartOptions};
+use super::state::{format_time, AgentPaths, Sandbox, SyncMode};
+use super::{exit, hooks, remote, supervisor, AgentError};
+
+/// The verbs of `keystone agent`.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Start the sandbox of a git project (creating it and its disk on first
+    /// use), wait until the guest is ready, then attach. Exit codes: 0 ok,
+    /// 1 not a git repository, 2 already running or bad usage, 3 image,
+    /// disk or boot failed, 4 KVM not available.
+    Start(StartArgs),
+    /// Stop a sandbox (its disk is kept).
+    Stop(StopArgs),
+    /// Show one sandbox.
+    Status(StatusArgs),
+    /// List the sandboxes.
+    List(ListArgs),
+    /// Stop a sandbox and delete it with its disk.
+    Destroy(DestroyArgs),
+    /// Open an interactive shell in the sandbox's /workspace (SSH over vsock).
+    #[command(visible_alias = "ssh")]
+    Attach(AttachArgs),
+    /// Run a command in the sandbox's /workspace; its exit code is passed
+    /// through (a TTY only when stdin is one).
+    Exec(ExecArgs),
+    /// Bring the sandbox's commits to the host (git fetch over SSH over
+    /// vsock into refs/keystone/<name>/*, then fast-forward the current
+    /// branch when safe). Exit codes: 0 synced, 1 sandbox not found or not
+    /// running, 2 nothing to sync, 3 cannot fast-forward.
+    Sync(SyncArgs),
+    /// Bridge stdin/stdout to a guest vsock port (ssh's ProxyCommand).
+    Proxy(ProxyArgs),
+    /// Print ssh_config stanzas so `ssh keystone-<name>` (and editors'
+    /// remote SSH) reach the sandboxes.
+    SshConfig(SshConfigArgs),
+    /// Internal: the per-sandbox supervisor started by `start`.
+    #[command(name = "__supervise", hide = true)]
+    Supervise(SuperviseArgs),
+}
+
+/// `--network` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum NetworkArg {
+    /// User-mode networking through passt (no privileges needed).
+    User,
+    /// A tap device you created (give it with --tap).
+    Tap,
+    /// Not supported (use a tap device on a bridge).
+    Macvtap,
+    /// A tap device you created and attached to a bridge (give it with --tap).
+    Bridge,
+    /// No network.
+    None,
+}
+
+/// `--sync-mode` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SyncModeArg {
+    /// Only on `keystone agent sync`.
+    Manual,
+    /// After each commit in the guest.
+    AutoCommit,
+    /// After a while without workspace changes.
+    AutoIdle,
+}
+
+/// `keystone agent start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The project: a directory in a git work tree (default: the current
+    /// directory).
+    pub path: Option<PathBuf>,
+    /// Sandbox name (default: the project directory's name, lower-cased).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Guest memory in MiB (default 8192, or what this sandbox used last).
+    #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u64).range(2048..=1_048_576))]
+    pub memory: Option<u64>,
+    /// vCPUs (default 4, or what this sandbox used last).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub vcpus: Option<u8>,
+    /// Hide vmx/svm from the guest (no nested virtualization) for this boot.
+    #[arg(long)]
+    pub no_nested: bool,
+    /// Make a new disk from the project (restarting the sandbox if it runs).
+    #[arg(long)]
+    pub fresh: bool,
+    /// Do not attach once the guest is ready.
+    #[arg(long)]
+    pub no_attach: bool,
+    /// Network (default user, or what this sandbox used last).
+    #[arg(long, value_enum)]
+    pub network: Option<NetworkArg>,
+    /// The tap device for --network tap or bridge.
+    #[arg(long, value_name = "NAME")]
+    pub tap: Option<String>,
+    /// When the guest's commits are synced to the host (default manual).
+    #[arg(long, value_enum)]
+    pub sync_mode: Option<SyncModeArg>,
+}
+
+/// `keystone agent stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Sandbox (default: the current project's).
+    pub name: Option<String>,
+    /// Sync the guest's commits to the host first.
+    #[arg(long)]
+    pub sync: bool,
+}
+
+/// `keystone agent status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Sandbox (default: the current project's).
+    pub name: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `keystone agent list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `keystone agent destroy`.
+#[derive(Debug, Args)]
+pub struct DestroyArgs {
+    /// Sandbox.
+    pub name: String,
+    /// Do not ask, and destroy even with unsynced commits.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `keystone agent attach` / `ssh`.
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Sandbox (default: the current project's).
+    pub name: Option<String>,
+}
+
+/// `keystone agent exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Sandbox (default: the current project's).
+    pub name: Option<String>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+/// `keystone agent sync`.
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Sandbox (default: the current project's).
+    pub name: Option<String>,
+    /// Show what would sync; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also copy dist/ build/ target/ .next/ out/ from the guest (regular
+    /// files and directories only; symlinks and escaping paths are refused).
+    #[arg(long)]
+    pub artifacts: bool,
+}
+
+/// `keystone agent proxy`.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// `<name> <port>`, or `<port>` with --socket.
+    #[arg(required = true, num_args = 1..=2, value_name = "NAME PORT")]
+    pub args: Vec<String>,
+    /// A VMM's vsock Unix socket instead of a sandbox name.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+/// `keystone agent ssh-config`.
+#[derive(Debug, Args)]
+pub struct SshConfigArgs {
+    /// Only this sandbox (default: all).
+    pub name: Option<String>,
+}
+
+/// `keystone agent __supervise`.
+#[derive(Debug, Args)]
+pub struct SuperviseArgs {
+    /// The agent root the sandbox is registered under.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Sandbox.
+    pub name: String,
+}
+
+fn proxy(paths: &AgentPaths, a: ProxyArgs) -> u8 {
+    let (name, port) = match (a.socket.is_some(), a.args.as_slice()) {
+        (false, [name, port]) => (Some(name.as_str()), port),
+        (true, [port]) => (None, port),
+        _ => {
+            return fail(&AgentError::Usage(
+                "proxy takes <name> <port>, or --socket PATH <port>".into(),
+            ))
+        }
+    };
+    let Ok(port) = port.parse::<u32>() else {
+        return fail(&AgentError::Usage(format!(
+            "'{port}' is not a vsock port number"
+        )));
+    };
+    match remote::proxy(paths, name, a.socket.as_deref(), port) {
+        Ok(()) => exit::OK,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &AgentError) -> u8 {
+    eprintln!("keystone: error: {e}");
+    if let AgentError::Boot { console, .. } = e {
+        if !console.is_empty() {
+            eprint!("{console}");
+        }
+    }
+    e.exit_code()
+}
+
+/// One sandbox as JSON: the registry entry with the observed status, plus
+/// `pid` (the VMM's, while it runs) and `running`.
+#[derive(Serialize)]
+struct SandboxJson<'a> {
+    #[serde(flatten)]
+    sandbox: &'a Sandbox,
+    pid: Option<u32>,
+    running: bool,
+}
+
+fn json_of(s: &Sandbox) -> SandboxJson<'_> {
+    SandboxJson {
+        sandbox: s,
+        pid: s.vmm.map(|p| p.pid),
+        running: s.status == super::state::Status::Running,
+    }
+}
+
+fn print_json(value: &impl Serialize) -> u8 {
+    match serde_json::to_string_pretty(value) {
+        Ok(j) => {
+            println!("{j}");
+            exit::OK
+        }
+        Err(e) => fail(&AgentError::Internal(e.to_string())),
+    }
+}
+
+fn human_status(s: &Sandbox) -> String {
+    let opt = |v: Option<u64>| v.map(format_time).unwrap_or_else(|| "-".into());
+    let pid = |p: Option<super::state::ProcessId>| {
+        p.map(|p| p.pid.to_string()).unwrap_or_else(|| "-".into())
+    };
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<12}{v}\n"));
+    line("name:", s.name.clone());
+    line("status:", s.status.as_str().into());
+    line("project:", s.project_path.display().to_string());
+    line("pid:", pid(s.vmm));
+    line("supervisor:", pid(s.supervisor));
+    line("cid:", s.cid.to_string());
+    line("socket:", s.vsock_uds.display().to_string());
+    line("memory:", format!("{} MiB", s.memory_mib));
+    line("vcpus:", s.vcpus.to_string());
+    line("nested:", if s.nested { "yes" } else { "no" }.into());
+    line("network:", s.network.to_string());
+    line("sync mode:", s.sync_mode.as_str().into());
+    line("disk:", s.disk.display().to_string());
+    line("state:", s.state_dir.display().to_string());
+    line(
+        "image:",
+        s.image
+            .as_ref()
+            .map(|i| {
+                format!(
+                    "{} ({})",
+                    i.dir.display(),
+                    &i.content_hash[..i.content_hash.len().min(12)]
+                )
+            })
+            .unwrap_or_else(|| "-".into()),
+    );
+    line("created:", format_time(s.created_at));
+    line("started:", opt(s.started_at));
+    line("ready:", opt(s.ready_at));
+    if s.status != super::state::Status::Running {
+        line("stopped:", opt(s.stopped_at));
+    }
+    if let Some(e) = &s.last_error {
+        line("last error:", lifecycle::sanitize_for_terminal(e));
+    }
+    out
+}
+
+fn table(list: &[Sandbox]) -> String {
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "STATUS".into(),
+        "PID".into(),
+        "CID".into(),
+        "MEMORY".into(),
+        "VCPUS".into(),
+        "PROJECT".into(),
+    ]];
+    for s in list {
+        rows.push([
+            s.name.clone(),
+            s.status.as_str().into(),
+            s.vmm
+                .map(|p| p.pid.to_string())
+                .unwrap_or_else(|| "-".into()),
+            s.cid.to_string(),
+            format!("{} MiB", s.memory_mib),
+            s.vcpus.to_string(),
+            s.project_path.display().to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 6 {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Asks on the terminal; `None` when stdin is not one.
+fn ask(prompt: &str) -> Option<bool> {
+    if !std::io::stdin().is_terminal() {
+        return None;
+    }
+    eprint!("{prompt}");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer).ok()?;
+    Some(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
+fn start(paths: &AgentPaths, a: StartArgs) -> u8 {
+    let opts = StartOptions {
+        path: a.path,
+        name: a.name,
+        memory_mib: a.memory,
+        vcpus: a.vcpus,
+        no_nested: a.no_nested,
+        fresh: a.fresh,
+        network: a.network.map(|n| match n {
+            NetworkArg::User => NetworkChoice::User,
+            NetworkArg::Tap => NetworkChoice::Tap,
+            NetworkArg::Macvtap => NetworkChoice::Macvtap,
+            NetworkArg::Bridge => NetworkChoice::Bridge,
+            NetworkArg::None => NetworkChoice::None,
+        }),
+        tap: a.tap,
+        sync_mode: a.sync_mode.map(|m| match m {
+            SyncModeArg::Manual => SyncMode::Manual,
+            SyncModeArg::AutoCommit => SyncMode::AutoCommit,
+            SyncModeArg::AutoIdle => SyncMode::AutoIdle,
+        }),
+    };
+    let started = match lifecycle::start(paths, &opts, &mut |note| eprintln!("keystone: {note}")) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let s = &started.sandbox;
+    if let Some(d) = &started.new_disk {
+        eprintln!(
+            "keystone: disk {}: {} branch{}, {} checked out",
+            s.disk.display(),
+            d.branches,
+            if d.branches == 1 { "" } else { "es" },
+            d.branch.as_deref().unwrap_or("detached HEAD")
+        );
+    }
+    println!(
+        "sandbox {} is running (pid {}, cid {}, ready in {:.1} s)",
+        s.name,
+        s.vmm
+            .map(|p| p.pid.to_string())
+            .unwrap_or_else(|| "?".into()),
+        s.cid,
+        started.boot_time.as_secs_f64()
+    );
+    if a.no_attach {
+        return exit::OK;
+    }
+    if !started.ssh {
+        eprintln!(
+            "keystone: note: this guest image has no SSH, so there is nothing to attach to (see `keystone agent status {}`)",
+            s.name
+        );
+        return exit::OK;
+    }
+    match hooks::attach(s) {
+        Ok(()) => exit::OK,
+        Err(source) => fail(&AgentError::Attach {
+            name: s.name.clone(),
+            source,
+        }),
+    }
+}
+
+/// Runs one `keystone agent` verb; returns the exit code.
+pub fn run(cmd: AgentCommand) -> u8 {
+    if let AgentCommand::Supervise(a) = cmd {
+        return match supervisor::supervise(&AgentPaths::at(a.root), &a.name) {
+            Ok(()) => exit::OK,
+            Err(e) => fail(&e),
+        };
+    }
+    let paths = match AgentPaths::from_env() {
+        Ok(p) => p,
+        Err(e) => return fail(&e.into()),
+    };
+    match cmd {
+        AgentCommand::Start(a) => start(&paths, a),
+        AgentCommand::Stop(a) => match lifecycle::stop(&paths, a.name.as_deref(), a.sync) {
+            Ok(r) => {
+                if let Some(w) = r.sync_warning {
+                    eprintln!(
+                        "keystone: warning: sync before stop failed: {w}; stopping anyway (the commits stay on the sandbox disk)"
+                    );
+                }
+                if r.was_running {
+                    println!("sandbox {} stopped", r.name);
+                } else {
+                    println!("sandbox {} is not running", r.name);
+                }
+                exit::OK
+            }
+            Err(e) => fail(&e),
+        },
+        AgentCommand::Status(a) => match lifecycle::status(&paths, a.name.as_deref()) {
+            Ok(s) if a.json => print_json(&json_of(&s)),
+            Ok(s) => {
+                print!("{}", human_status(&s));
+                exit::OK
+            }
+            Err(e) => fail(&e),
+        },
+        AgentCommand::List(a) => match lifecycle::list(&paths) {
+            Ok(list) if a.json => print_json(&list.iter().map(json_of).collect::<Vec<_>>()),
+            Ok(list) if list.is_empty() => {
+                eprintln!("keystone: no sandboxes (start one with `keystone agent start`)");
+                exit::OK
+            }
+            Ok(list) => {
+                print!("{}", table(&list));
+                exit::OK
+            }
+            Err(e) => fail(&e),
+        },
+        AgentCommand::Destroy(a) => match lifecycle::destroy(&paths, &a.name, a.force, &mut ask) {
+            Ok(()) => {
+                println!("sandbox {} destroyed", a.name);
+                exit::OK
+            }
+            Err(e) => fail(&e),
+        },
+        AgentCommand::Attach(a) => {
+            remote::attach(&paths, a.name.as_deref()).unwrap_or_else(|e| fail(&e))
+        }
+        AgentCommand::Exec(a) => {
+            remote::exec(&paths, a.name.as_deref(), &a.cmd).unwrap_or_else(|e| fail(&e))
+        }
+        AgentCommand::Sync(a) => {
+            match remote::sync(&paths, a.name.as_deref(), a.dry_run, a.artifacts) {
+                Ok(r) => {
+                    print!("{}", r.text);
+                    r.code
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        AgentCommand::Proxy(a) => proxy(&paths, a),
+        AgentCommand::SshConfig(a) => match remote::ssh_config(&paths, a.name.as_deref()) {
+            Ok(text) => {
+                print!("{text}");
+                exit::OK
+            }
+            Err(e) => fail(&e),
+        },
+        AgentCommand::Supervise(_) => exit::OK,
+    }
+}

@@ -1,0 +1,590 @@
+//! `keystone agent sync`: bring the sandbox's committed git history back to
+//! the host. Host-initiated, over SSH over vsock:
+//!
+//! 1. ask the guest which commits the host does not have yet (per branch)
+//!    and what is uncommitted (never synced);
+//! 2. `git fetch` them into `refs/keystone/<name>/*` (objects checked with
+//!    `transfer.fsckObjects`, no hooks);
+//! 3. fast-forward the host's *current* branch when its tree is clean and
+//!    the sandbox's branch of the same name descends from it. The host
+//!    branch is never switched and nothing is ever pushed into the guest.
+//!
+//! `--artifacts` copies build outputs (dist/ build/ target/ .next/ out/)
+//! from the guest as a tar stream, accepting only regular files and
+//! directories whose paths stay inside the project.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::ssh::{self, sanitize, SshError, Target, UserKey, WORKSPACE};
+
+/// Exit codes of `sync`.
+pub mod exit {
+    /// Synced (or, with --dry-run, something would sync).
+    pub const OK: u8 = 0;
+    /// Sandbox not found or not running.
+    pub const NOT_RUNNING: u8 = 1;
+    /// Nothing to sync.
+    pub const NOTHING: u8 = 2;
+    /// The host branch cannot be fast-forwarded.
+    pub const NO_FAST_FORWARD: u8 = 3;
+}
+
+/// Longest a fetch from the guest may take.
+pub const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(900);
+/// Most bytes `--artifacts` reads from the guest, and the largest file.
+pub const ARTIFACTS_MAX_BYTES: u64 = 8 << 30;
+/// Most entries `--artifacts` accepts.
+pub const ARTIFACTS_MAX_ENTRIES: usize = 200_000;
+
+/// Build output directories `--artifacts` copies.
+pub const ARTIFACT_DIRS: &[&str] = &["dist", "build", "target", ".next", "out"];
+
+/// Errors syncing.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Reaching the guest.
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    /// A host git command failed.
+    #[error("git {args}: {msg}")]
+    Git {
+        /// What was run.
+        args: String,
+        /// Its stderr.
+        msg: String,
+    },
+    /// The guest answered something unexpected.
+    #[error("sandbox: {0}")]
+    Guest(String),
+    /// Writing artifacts.
+    #[error("{path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// One commit the guest has and the host does not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewCommit {
+    /// Abbreviated hash.
+    pub short: String,
+    /// Subject (sanitised).
+    pub subject: String,
+}
+
+/// What the guest holds that the host does not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// New commits, per guest branch.
+    pub branches: BTreeMap<String, Vec<NewCommit>>,
+    /// `git status --porcelain` lines of the guest workspace (sanitised).
+    pub uncommitted: Vec<String>,
+}
+
+impl Pending {
+    /// Number of new commits over all branches (a commit on two branches
+    /// counts twice).
+    pub fn commit_count(&self) -> usize {
+        self.branches.values().map(Vec::len).sum()
+    }
+}
+
+/// What `sync` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing new in the sandbox.
+    Nothing,
+    /// Dry run: this would be fetched.
+    WouldSync,
+    /// Fetched; the host branch was fast-forwarded to `to` (or was already
+    /// there / has no counterpart in the sandbox when `None`).
+    Synced {
+        /// New host branch tip, when it moved.
+        to: Option<String>,
+    },
+    /// Fetched, but the host branch cannot fast-forward; `hint` is the
+    /// exact command to run.
+    NoFastForward {
+        /// Why.
+        reason: String,
+        /// The command to run.
+        hint: String,
+    },
+}
+
+/// Host git, never running hooks: a fast-forward checks out files the
+/// guest wrote, and repositories can keep their hooks in the tree (e.g.
+/// husky's `core.hooksPath`).
+fn git(project: &Path, args: &[&str]) -> Result<String, SyncError> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(project)
+        .args(["-c", "core.hooksPath=/dev/null"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| SyncError::Git {
+            args: args.join(" "),
+            msg: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(SyncError::Git {
+            args: args.join(" "),
+            msg: sanitize(String::from_utf8_lossy(&out.stderr).trim()),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+}
+
+/// The refs namespace sync fetches into.
+pub fn ref_prefix(name: &str) -> String {
+    format!("refs/keystone/{name}/")
+}
+
+/// Ask the guest what it holds beyond what the host has (the tips of the
+/// host's branches and of its `refs/keystone/<name>/*`).
+pub fn pending(t: &Target, key: &UserKey, project: &Path) -> Result<Pending, SyncError> {
+    let known = git(
+        project,
+        &[
+            "for-each-ref",
+            "--format=%(objectname)",
+            "refs/heads",
+            &ref_prefix(&t.name),
+        ],
+    )?;
+    let shas: Vec<&str> = known
+        .lines()
+        .filter(|s| s.len() >= 40 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    // Runs in the guest: hashes are hex, everything else is constant.
+    let script = format!(
+        "cd {WORKSPACE} || exit 90\n\
+         not=''\n\
+         for s in {shas}; do git cat-file -e \"$s^{{commit}}\" 2>/dev/null && not=\"$not ^$s\"; done\n\
+         git for-each-ref --format='%(refname:short)' refs/heads | while IFS= read -r b; do\n\
+           git log --format=\"B%x00$b%x00%h%x00%s\" \"refs/heads/$b\" $not -- || exit 91\n\
+         done\n\
+         git status --porcelain | sed 's/^/U\\x00/'\n",
+        shas = shas.join(" ")
+    );
+    let (status, out) = ssh::capture(t, key, &script)?;
+    if !status.success() {
+        return Err(SyncError::Guest(format!(
+            "listing commits in {WORKSPACE} failed ({status})"
+        )));
+    }
+    Ok(parse_pending(&String::from_utf8_lossy(&out)))
+}
+
+/// Parse the guest's listing (`B\0branch\0hash\0subject` and `U\0status`
+/// lines). Unknown lines are ignored.
+pub fn parse_pending(out: &str) -> Pending {
+    let mut p = Pending::default();
+    for line in out.lines() {
+        let f: Vec<&str> = line.split('\0').collect();
+        match f.as_slice() {
+            ["B", branch, short, subject @ ..] => p
+                .branches
+                .entry(sanitize(branch))
+                .or_default()
+                .push(NewCommit {
+                    short: sanitize(short),
+                    subject: sanitize(&subject.join(" ")),
+                }),
+            ["U", status] => p.uncommitted.push(sanitize(status)),
+            _ => {}
+        }
+    }
+    p
+}
+
+/// Print the report every sync starts with.
+pub fn report(p: &Pending) -> String {
+    let mut s = String::new();
+    if p.commit_count() == 0 {
+        s.push_str("No new commits in sandbox.\n");
+    } else {
+        s.push_str("New commits in sandbox:\n");
+        for (branch, commits) in &p.branches {
+            if commits.is_empty() {
+                continue;
+            }
+            s.push_str(&format!("  {branch}:\n"));
+            for c in commits {
+                s.push_str(&format!("    {} {}\n", c.short, c.subject));
+            }
+        }
+    }
+    if !p.uncommitted.is_empty() {
+        s.push_str("Uncommitted changes (will NOT sync):\n");
+        for u in &p.uncommitted {
+            s.push_str(&format!("  {u}\n"));
+        }
+    }
+    s
+}
+
+/// Commits fetched earlier into `refs/keystone/<name>/<branch>` that the
+/// host's current branch does not have yet (e.g. a fast-forward refused
+/// because the host tree was dirty): `(branch, count)`.
+pub fn fetched_not_merged(project: &Path, name: &str) -> Option<(String, usize)> {
+    let branch = git(project, &["symbolic-ref", "--quiet", "--short", "HEAD"]).ok()?;
+    let theirs = format!("{}{branch}", ref_prefix(name));
+    git(project, &["rev-parse", "--verify", "--quiet", &theirs]).ok()?;
+    let n: usize = git(
+        project,
+        &["rev-list", "--count", &format!("HEAD..{theirs}")],
+    )
+    .ok()?
+    .parse()
+    .ok()?;
+    (n > 0).then_some((branch, n))
+}
+
+/// Fetch the sandbox's branches into `refs/keystone/<name>/*` and
+/// fast-forward the host's current branch when safe.
+pub fn fetch_and_fast_forward(
+    t: &Target,
+    key: &UserKey,
+    project: &Path,
+) -> Result<Outcome, SyncError> {
+    let opts = ssh::ssh_options(t, key)?;
+    let ssh_cmd = std::iter::once("ssh".to_string())
+        .chain(opts.iter().map(|o| ssh::shell_quote(o)))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let url = format!("ssh://{}@{}{WORKSPACE}", ssh::GUEST_USER, t.alias());
+    let refspec = format!("+refs/heads/*:{}*", ref_prefix(&t.name));
+    let mut fetch = Command::new("git");
+    fetch
+        .arg("-C")
+        .arg(project)
+        .args([
+            "-c",
+            "core.hooksPath=/dev/null",
+            "-c",
+            "transfer.fsckObjects=true",
+            "-c",
+            "fetch.fsckObjects=true",
+            "-c",
+            "protocol.allow=never",
+            "-c",
+            "protocol.ssh.allow=always",
+            "fetch",
+            "--no-tags",
+            "--prune",
+            "--quiet",
+            &url,
+            &refspec,
+        ])
+        .env("GIT_SSH_COMMAND", ssh_cmd)
+        .env("GIT_TERMINAL_PROMPT", "0");
+    let (status, _) = ssh::run_bounded(fetch, FETCH_TIMEOUT, 64 * 1024)?;
+    match status {
+        Some(st) if st.success() => {}
+        Some(st) => {
+            return Err(SyncError::Git {
+                args: "fetch".into(),
+                msg: format!("failed ({st})"),
+            })
+        }
+        None => {
+            return Err(SyncError::Git {
+                args: "fetch".into(),
+                msg: format!("no progress within {} s", FETCH_TIMEOUT.as_secs()),
+            })
+        }
+    }
+    let Ok(branch) = git(project, &["symbolic-ref", "--quiet", "--short", "HEAD"]) else {
+        return Ok(Outcome::Synced { to: None });
+    };
+    let theirs = format!("{}{branch}", ref_prefix(&t.name));
+    if git(project, &["rev-parse", "--verify", "--quiet", &theirs]).is_err() {
+        return Ok(Outcome::Synced { to: None });
+    }
+    if git(project, &["merge-base", "--is-ancestor", &theirs, "HEAD"]).is_ok() {
+        return Ok(Outcome::Synced { to: None });
+    }
+    if git(project, &["merge-base", "--is-ancestor", "HEAD", &theirs]).is_err() {
+        return Ok(Outcome::NoFastForward {
+            reason: format!("'{branch}' and the sandbox's '{branch}' have diverged"),
+            hint: format!("git merge {theirs}   # or: git rebase {theirs}"),
+        });
+    }
+    let dirty = git(project, &["status", "--porcelain", "--untracked-files=no"])?;
+    if !dirty.is_empty() {
+        return Ok(Outcome::NoFastForward {
+            reason: format!("the host's '{branch}' has uncommitted changes"),
+            hint: format!("git stash && git merge --ff-only {theirs} && git stash pop"),
+        });
+    }
+    if let Err(e) = git(project, &["merge", "--ff-only", "--quiet", &theirs]) {
+        return Ok(Outcome::NoFastForward {
+            reason: format!("git refused the fast-forward ({e})"),
+            hint: format!("git merge --ff-only {theirs}   # after moving the files it names"),
+        });
+    }
+    let to = git(project, &["rev-parse", "--short", "HEAD"])?;
+    Ok(Outcome::Synced { to: Some(to) })
+}
+
+/// Whether `path` (relative) is a plain path that stays inside its root.
+pub fn is_contained(path: &Path) -> bool {
+    !path.as_os_str().is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+/// Copy the guest's build output directories into `project`. Returns the
+/// number of files written and the entries refused (symlinks, links,
+/// devices, paths leaving the project, host paths through a symlink).
+pub fn copy_artifacts(
+    t: &Target,
+    key: &UserKey,
+    project: &Path,
+) -> Result<(usize, Vec<String>), SyncError> {
+    let list = ARTIFACT_DIRS.join(" ");
+    let remote = format!(
+        "cd {WORKSPACE} || exit 90; set --; for d in {list}; do [ -e \"$d\" ] && set -- \"$@\" \"$d\"; done; \
+         [ $# -eq 0 ] && exit 0; exec tar -cf - --no-acls --no-xattrs -- \"$@\""
+    );
+    let tracked: std::collections::HashSet<PathBuf> = git(project, &["ls-files", "-z"])?
+        .split('\0')
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    let mut child = ssh::ssh_command(t, key, false, &remote)?
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(SshError::Spawn)?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| SyncError::Guest("no tar stream".into()))?;
+    let stderr = child.stderr.take();
+    let errors = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        if let Some(e) = stderr {
+            let mut e = e.take(16 * 1024);
+            let _ = e.read_to_end(&mut text);
+            let _ = std::io::copy(&mut e.into_inner(), &mut std::io::sink());
+        }
+        sanitize(String::from_utf8_lossy(&text).trim())
+    });
+    let result = unpack_artifacts(stdout.take(ARTIFACTS_MAX_BYTES), project, &tracked);
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().map_err(SshError::Spawn)?;
+    let guest_errors = errors.join().unwrap_or_default();
+    let r = result?;
+    if !status.success() {
+        return Err(SyncError::Guest(format!(
+            "tar in the sandbox failed ({status}): {guest_errors}"
+        )));
+    }
+    Ok(r)
+}
+
+/// Unpack a tar stream into `root`, accepting only regular files and
+/// directories under one of [`ARTIFACT_DIRS`], never following a host
+/// symlink, never replacing a file git tracks (`tracked`, relative paths).
+/// Refused entries are reported, not fatal.
+pub fn unpack_artifacts(
+    r: impl Read,
+    root: &Path,
+    tracked: &std::collections::HashSet<PathBuf>,
+) -> Result<(usize, Vec<String>), SyncError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut ar = tar::Archive::new(r);
+    let mut written = 0;
+    let mut refused = Vec::new();
+    let entries = ar
+        .entries()
+        .map_err(|e| SyncError::Guest(format!("bad tar stream: {e}")))?;
+    for (n, entry) in entries.enumerate() {
+        if n >= ARTIFACTS_MAX_ENTRIES {
+            refused.push(format!("everything after {ARTIFACTS_MAX_ENTRIES} entries"));
+            break;
+        }
+        let mut entry = entry.map_err(|e| SyncError::Guest(format!("bad tar stream: {e}")))?;
+        let Ok(path) = entry.path().map(|p| p.into_owned()) else {
+            refused.push("<unreadable path>".into());
+            continue;
+        };
+        let shown = sanitize(&path.to_string_lossy());
+        let top_ok = path
+            .components()
+            .find(|c| !matches!(c, Component::CurDir))
+            .is_some_and(|c| ARTIFACT_DIRS.iter().any(|d| c.as_os_str() == *d));
+        if !is_contained(&path) || !top_ok {
+            refused.push(format!("{shown} (outside the artifact directories)"));
+            continue;
+        }
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            refused.push(format!("{shown} (not a regular file or directory)"));
+            continue;
+        }
+        // No existing component of the destination may be a symlink.
+        let mut cur = root.to_path_buf();
+        let mut via_link = false;
+        for c in path.components() {
+            cur.push(c);
+            if std::fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink()) {
+                via_link = true;
+                break;
+            }
+        }
+        if via_link {
+            refused.push(format!("{shown} (the host path is a symlink)"));
+            continue;
+        }
+        let normal: PathBuf = path
+            .components()
+            .filter(|c| !matches!(c, Component::CurDir))
+            .collect();
+        if kind.is_file() && tracked.contains(&normal) {
+            refused.push(format!("{shown} (tracked by git: sync commits instead)"));
+            continue;
+        }
+        let dest = root.join(&path);
+        let werr = |source| SyncError::Write {
+            path: dest.clone(),
+            source,
+        };
+        if kind.is_dir() {
+            std::fs::create_dir_all(&dest).map_err(werr)?;
+            continue;
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(werr)?;
+        }
+        if dest.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            refused.push(format!("{shown} (a directory on the host)"));
+            continue;
+        }
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
+        let tmp = dest.with_file_name(format!(
+            ".{}.keystone-{}-{n}",
+            dest.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(werr)?;
+        let copied = std::io::copy(&mut entry, &mut f);
+        drop(f);
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(werr(e));
+        }
+        if let Err(e) = std::fs::rename(&tmp, &dest) {
+            let _ = std::fs::remove_file(&tmp);
+            refused.push(format!("{shown} ({e})"));
+            continue;
+        }
+        written += 1;
+    }
+    Ok((written, refused))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_parses_and_is_sanitised() {
+        let p = parse_pending(
+            "B\0main\0abc123\0add \x1b[31mred\nB\0feature\0def456\0x\0y\nU\0 M src/a.rs\njunk\n",
+        );
+        assert_eq!(p.commit_count(), 2);
+        assert_eq!(p.branches["main"][0].subject, "add ?[31mred");
+        assert_eq!(p.branches["feature"][0].subject, "x y");
+        assert_eq!(p.uncommitted, vec![" M src/a.rs"]);
+        let r = report(&p);
+        assert!(r.contains("New commits in sandbox:"));
+        assert!(r.contains("Uncommitted changes (will NOT sync):"));
+        assert!(report(&Pending::default()).contains("No new commits"));
+    }
+
+    fn tar_with(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            // Raw name bytes so hostile paths are really in the stream.
+            let name = &mut h.as_old_mut().name;
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn artifacts_refuse_links_and_escapes() {
+        let root = std::env::temp_dir().join(format!("ks-art-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("out")).unwrap();
+        let outside = std::env::temp_dir().join(format!("ks-art-outside-{}", std::process::id()));
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("out/escape")).unwrap();
+        let t = tar_with(&[
+            ("dist/", tar::EntryType::Directory, b"", None),
+            ("dist/app.js", tar::EntryType::Regular, b"ok", None),
+            (
+                "dist/link",
+                tar::EntryType::Symlink,
+                b"",
+                Some("/etc/passwd"),
+            ),
+            ("dist/../../evil", tar::EntryType::Regular, b"x", None),
+            ("/etc/evil", tar::EntryType::Regular, b"x", None),
+            ("src/main.rs", tar::EntryType::Regular, b"x", None),
+            ("out/escape/f", tar::EntryType::Regular, b"x", None),
+            ("build/dev", tar::EntryType::Char, b"", None),
+            ("build/release.sh", tar::EntryType::Regular, b"evil", None),
+            ("dist/js", tar::EntryType::Regular, b"x", None),
+        ]);
+        std::fs::create_dir_all(root.join("dist/js")).unwrap();
+        std::fs::create_dir_all(root.join("build")).unwrap();
+        std::fs::write(root.join("build/release.sh"), "tracked\n").unwrap();
+        let tracked = [PathBuf::from("build/release.sh")].into_iter().collect();
+        let (n, refused) = unpack_artifacts(&t[..], &root, &tracked).unwrap();
+        assert_eq!(n, 1, "{refused:?}");
+        assert_eq!(std::fs::read(root.join("dist/app.js")).unwrap(), b"ok");
+        assert_eq!(refused.len(), 8, "{refused:?}");
+        assert_eq!(
+            std::fs::read(root.join("build/release.sh")).unwrap(),
+            b"tracked\n"
+        );
+        assert!(!root.join("dist/link").exists());
+        assert!(!root.join("src").exists());
+        assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_dir_all(&outside).unwrap();
+    }
+}

@@ -70,12 +70,8 @@ fn main() {
     let project = root.join("bench");
     guest::git_repo(&project);
     let image = guest::debian_image(&ks);
-    let (runner, mut vars) = guest::vm_runner();
-    vars.push(("KEYSTONE_GUEST_IMAGE", image.display().to_string()));
-    vars.push(("HOME", root.join("home").display().to_string()));
-    vars.push(("XDG_CONFIG_HOME", root.join("config").display().to_string()));
-    vars.push(("XDG_RUNTIME_DIR", root.join("run").display().to_string()));
-    vars.push(("KEYSTONE_READY_TIMEOUT", "400".into()));
+    let (runner, _) = guest::vm_runner();
+    let vars = guest::agent_env(&root, &image);
     let e = Env {
         ks,
         project: project.clone(),

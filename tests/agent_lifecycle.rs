@@ -672,6 +672,30 @@ fn errors_have_exit_codes_and_one_line() {
         w.list().is_empty(),
         "nothing registered before the image is found"
     );
+
+    // An image that does not declare itself PVM-capable: exit 4 on a PVM
+    // host (this project's machines); it boots where KVM is hardware.
+    let linux_like = w.root.join("linux-like-image");
+    let img = keystone_cli::image::write_probe_image(&linux_like).unwrap();
+    let mut m = img.manifest.clone();
+    m.pvm_capable = false;
+    std::fs::write(
+        linux_like.join(keystone_cli::image::MANIFEST),
+        serde_json::to_vec(&m).unwrap(),
+    )
+    .unwrap();
+    let out = w
+        .cmd(&["start", project.to_str().unwrap(), "--no-attach"])
+        .env("KEYSTONE_GUEST_IMAGE", &linux_like)
+        .output()
+        .unwrap();
+    if keystone_vmm::host::KvmFlavor::detect() == keystone_vmm::host::KvmFlavor::Pvm {
+        assert_eq!(code(&out), 4, "{}", show(&out));
+        assert_one_error_line(&out, "PVM");
+    } else {
+        assert_eq!(code(&out), 0, "hardware KVM runs any image: {}", show(&out));
+        let _ = w.run(&["destroy", "proj", "--force"]);
+    }
 }
 
 /// A guest that dies during boot, and one that never says it is ready:

@@ -35,12 +35,7 @@ impl World {
         let project = root.join("proj");
         guest::git_repo(&project);
         let image = guest::debian_image(keystone());
-        let (_, mut env) = guest::vm_runner();
-        env.push(("KEYSTONE_GUEST_IMAGE", image.display().to_string()));
-        env.push(("HOME", root.join("home").display().to_string()));
-        env.push(("XDG_CONFIG_HOME", root.join("config").display().to_string()));
-        env.push(("XDG_RUNTIME_DIR", root.join("run").display().to_string()));
-        env.push(("KEYSTONE_READY_TIMEOUT", "400".into()));
+        let env = guest::agent_env(&root, &image);
         let w = World { root, project, env };
         w.git(&["branch", "feature"]);
         w

@@ -34,6 +34,10 @@ fn main() {
     let elf = out_dir.join("keystone-pvm-init.elf");
 
     rerun_if_changed(&guest_dir);
+    println!(
+        "cargo:rerun-if-changed={}",
+        guest_dir.join("../../probe/guest/mem.rs").display()
+    );
 
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let mut cmd = Command::new(rustc);

@@ -68,6 +68,19 @@ pub fn vm_runner() -> (PathBuf, Vec<(&'static str, String)>) {
     }
 }
 
+/// The environment for `keystone agent` commands against a real Linux guest:
+/// the VM runner's variables, the image, and a private HOME, config and
+/// runtime directory under `root`.
+pub fn agent_env(root: &Path, image: &Path) -> Vec<(&'static str, String)> {
+    let (_, mut env) = vm_runner();
+    env.push(("KEYSTONE_GUEST_IMAGE", image.display().to_string()));
+    env.push(("HOME", root.join("home").display().to_string()));
+    env.push(("XDG_CONFIG_HOME", root.join("config").display().to_string()));
+    env.push(("XDG_RUNTIME_DIR", root.join("run").display().to_string()));
+    env.push(("KEYSTONE_READY_TIMEOUT", "400".into()));
+    env
+}
+
 /// Build (or take from the machine's cache) the Debian guest image with
 /// `keystone image build`; returns its directory.
 pub fn debian_image(keystone: &Path) -> PathBuf {

@@ -11,6 +11,9 @@
 #![no_std]
 #![no_main]
 
+// The probe guest's memcpy/memset/memcmp/bcmp (single `rep movsb`/`rep
+// stosb`, volatile compares): one copy for both freestanding programs.
+#[path = "../../probe/guest/mem.rs"]
 mod mem;
 mod out;
 #[allow(dead_code)]

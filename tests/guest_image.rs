@@ -371,6 +371,15 @@ fn debian_image_boots_logs_in_over_vsock_and_persists() {
     assert!(ssh_ok(&t, &key, "git --version").starts_with("git version"));
     assert_eq!(ssh_ok(&t, &key, "python3 -c 'print(6*7)'").trim(), "42");
     ssh_ok(&t, &key, "sudo -n true");
+    let failed = ssh_ok(
+        &t,
+        &key,
+        "systemctl is-system-running --wait >/dev/null; systemctl --failed --no-legend --plain; systemctl is-system-running || true",
+    );
+    assert!(
+        failed.trim() == "running",
+        "failed units or a degraded system: {failed}"
+    );
     assert_eq!(
         ssh_ok(&t, &key, "cd /workspace && git log --format=%s").trim(),
         "first"

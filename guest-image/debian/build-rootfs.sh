@@ -30,8 +30,13 @@ stage() { echo "rootfs: [$(( $(date +%s) - t0 )) s] $*" >&2; }
 
 pkgs="$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$here/packages.txt" | tr -s '[:space:]' ',' | sed 's/,$//')"
 stage "debootstrap $suite (minbase) from $mirror"
-debootstrap --variant=minbase --include="$pkgs" "$suite" "$root" "$mirror" > "$work/debootstrap.log" 2>&1 \
-  || { tail -20 "$work/debootstrap.log" >&2; echo "error: debootstrap failed" >&2; exit 1; }
+debootstrap --variant=minbase --include="$pkgs" "$suite" "$root" "$mirror" > "$work/debootstrap.log" 2>&1 &
+dpid=$!
+while kill -0 "$dpid" 2>/dev/null; do
+  sleep 15
+  kill -0 "$dpid" 2>/dev/null && stage "debootstrap: $(grep '^I: ' "$work/debootstrap.log" | tail -n 1 | cut -c4-80)"
+done
+wait "$dpid" || { tail -20 "$work/debootstrap.log" >&2; echo "error: debootstrap failed" >&2; exit 1; }
 
 stage "installing keystone files"
 cp -a --no-preserve=ownership "$here/../rootfs/." "$root/"

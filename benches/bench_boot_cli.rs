@@ -65,16 +65,20 @@ fn main() {
         "boot_timer",
         "exit",
     ];
+    // Within each run the phases come in boot order (medians of different
+    // phases come from different runs, so only per-run order is checked).
     let medians: Vec<f64> = order.iter().map(|p| median(p)).collect();
-    for (w, names) in medians.windows(2).zip(order.windows(2)) {
-        assert!(
-            w[0] <= w[1],
-            "{} ({:.2} ms) after {} ({:.2} ms)",
-            names[0],
-            w[0],
-            names[1],
-            w[1]
-        );
+    let sample = |name: &str, i: usize| phases[name]["samples"][i].as_f64().expect("sample");
+    for i in 0..runs as usize {
+        for names in order.windows(2) {
+            let (a, b) = (sample(names[0], i), sample(names[1], i));
+            assert!(
+                a <= b,
+                "run {i}: {} ({a:.2} ms) after {} ({b:.2} ms)",
+                names[0],
+                names[1]
+            );
+        }
     }
     assert!(median("cpu_ms") > 0.0 && median("overhead_mib") > 0.0);
     let plot = std::fs::read_to_string(&svg).expect("SVG written");

@@ -221,6 +221,31 @@ fn perm(d: &Desc) -> Permissions {
 }
 
 /// Calls `f(addr, len)` on each piece of guest memory that makes up bytes
+/// Moves one guest piece (`len` bytes at `addr`) to or from the disk at
+/// `*file_off` through `bounce`, [`CHUNK`] bytes at a time: `step` gets the
+/// chunk buffer, its guest address and its disk offset. Advances
+/// `*file_off`.
+fn bounce_copy(
+    bounce: &mut [u8],
+    addr: GuestAddress,
+    len: usize,
+    file_off: &mut u64,
+    mut step: impl FnMut(&mut [u8], GuestAddress, u64) -> Result<(), ReqError>,
+) -> Result<(), ReqError> {
+    let mut done = 0usize;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        step(
+            &mut bounce[..n],
+            GuestAddress(addr.0 + done as u64),
+            *file_off,
+        )?;
+        done += n;
+        *file_off += n as u64;
+    }
+    Ok(())
+}
+
 /// `[start, start + len)` of the readable (or writable) stream of `descs`.
 /// The caller has checked that the stream is long enough and that every
 /// descriptor lies in guest memory.
@@ -520,20 +545,19 @@ impl Disk {
         len: u64,
     ) -> Result<(), ReqError> {
         let file = &self.file;
-        let bounce = &mut self.bounce;
         let mut file_off = offset;
         for_each_piece(descs, true, 0, len, |addr, len| {
-            let mut done = 0usize;
-            while done < len {
-                let n = (len - done).min(CHUNK);
-                let buf = &mut bounce[..n];
-                file.read_exact_at(buf, file_off).map_err(ReqError::Host)?;
-                mem.write_slice(buf, GuestAddress(addr.0 + done as u64))
-                    .map_err(|_| ReqError::Guest(GuestError::BadAddress))?;
-                done += n;
-                file_off += n as u64;
-            }
-            Ok(())
+            bounce_copy(
+                &mut self.bounce,
+                addr,
+                len,
+                &mut file_off,
+                |buf, gaddr, off| {
+                    file.read_exact_at(buf, off).map_err(ReqError::Host)?;
+                    mem.write_slice(buf, gaddr)
+                        .map_err(|_| ReqError::Guest(GuestError::BadAddress))
+                },
+            )
         })
     }
 
@@ -545,20 +569,19 @@ impl Disk {
         len: u64,
     ) -> Result<(), ReqError> {
         let file = &self.file;
-        let bounce = &mut self.bounce;
         let mut file_off = offset;
         for_each_piece(descs, false, HEADER_LEN, len, |addr, len| {
-            let mut done = 0usize;
-            while done < len {
-                let n = (len - done).min(CHUNK);
-                let buf = &mut bounce[..n];
-                mem.read_slice(buf, GuestAddress(addr.0 + done as u64))
-                    .map_err(|_| ReqError::Guest(GuestError::BadAddress))?;
-                file.write_all_at(buf, file_off).map_err(ReqError::Host)?;
-                done += n;
-                file_off += n as u64;
-            }
-            Ok(())
+            bounce_copy(
+                &mut self.bounce,
+                addr,
+                len,
+                &mut file_off,
+                |buf, gaddr, off| {
+                    mem.read_slice(buf, gaddr)
+                        .map_err(|_| ReqError::Guest(GuestError::BadAddress))?;
+                    file.write_all_at(buf, off).map_err(ReqError::Host)
+                },
+            )
         })
     }
 

@@ -1,6 +1,8 @@
-//! Helpers for tests that boot the real Linux guest image: the VM runner
-//! (the TCG test harness here, keystone-vmm with `KEYSTONE_REAL_KVM=1` on a
-//! host with vmx/svm), sandbox data disks, and the readiness listener.
+//! Helpers for the tests that boot the unmodified Linux guest image on
+//! `keystone-vmm`: the hardware-KVM check, the VMM binary, sandbox data
+//! disks, and the readiness listener. On this project's PVM machines these
+//! tests run in the nested real-KVM lane (`tests/lane/suites`); on a host
+//! with vmx/svm, `cargo test -- --ignored` runs them directly.
 
 #![allow(dead_code)]
 
@@ -18,67 +20,59 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Whether the suite runs against keystone-vmm on real KVM.
-pub fn real_kvm() -> bool {
-    std::env::var("KEYSTONE_REAL_KVM").as_deref() == Ok("1")
+/// Fail (never skip) unless `/dev/kvm` is usable and is hardware KVM
+/// (vmx/svm, not PVM): an unmodified Linux kernel does not boot on PVM.
+pub fn require_hardware_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("this test boots Linux on keystone-vmm and needs /dev/kvm (read-write): {e}");
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    assert!(
+        hw && !Path::new("/sys/module/kvm_pvm").exists(),
+        "this test boots the unmodified Linux image on keystone-vmm and needs hardware KVM \
+         (vmx/svm), but this host's KVM is {}: run it in the nested real-KVM lane, \
+         `tests/lane/suites` (or `tests/lane/run -- <test binary> --ignored`)",
+        if hw { "PVM" } else { "without vmx/svm" }
+    );
 }
 
-/// The VM binary and the env that selects it for `keystone`: the TCG
-/// harness (test-only; the product never starts QEMU), or keystone-vmm
-/// with `KEYSTONE_REAL_KVM=1`, which then needs vmx/svm (fails otherwise).
-pub fn vm_runner() -> (PathBuf, Vec<(&'static str, String)>) {
-    if real_kvm() {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        assert!(
-            cpuinfo.contains(" vmx") || cpuinfo.contains(" svm"),
-            "KEYSTONE_REAL_KVM=1 needs a host with vmx/svm (hardware KVM); this one has neither"
-        );
-        let vmm = repo_root().join("target/debug/keystone-vmm");
-        if !vmm.exists() {
-            let st = Command::new(env!("CARGO"))
-                .args(["build", "-q", "-p", "keystone-vmm"])
-                .current_dir(repo_root())
-                .status()
-                .expect("cargo build keystone-vmm");
-            assert!(st.success(), "building keystone-vmm failed");
-        }
-        (
-            vmm.clone(),
-            vec![("KEYSTONE_VMM", vmm.display().to_string())],
-        )
-    } else {
-        for tool in ["qemu-system-x86_64", "vhost-device-vsock"] {
-            let found = std::env::var_os("PATH")
-                .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-                .unwrap_or(false);
-            assert!(
-                found,
-                "the TCG test harness needs {tool} on PATH (apt-get install qemu-system-x86; \
-                 cargo install vhost-device-vsock): .ci/run installs both"
-            );
-        }
-        let h = repo_root().join("tests/harness/keystone-vmm-tcg");
-        (
-            h.clone(),
-            vec![
-                ("KEYSTONE_VMM", h.display().to_string()),
-                ("KEYSTONE_HARNESS", "tcg".to_string()),
-            ],
-        )
+/// The keystone-vmm binary under test: `$KEYSTONE_VMM`, else the workspace's
+/// release build, else its debug build. Never built from here: inside the
+/// lane the workspace is read-only.
+pub fn vmm_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEYSTONE_VMM").filter(|v| !v.is_empty()) {
+        return PathBuf::from(p);
     }
+    ["release", "debug"]
+        .iter()
+        .map(|p| repo_root().join("target").join(p).join("keystone-vmm"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("keystone-vmm is not built: `cargo build --release -p keystone-vmm` (tests/lane/suites does) or set KEYSTONE_VMM")
+        })
 }
 
 /// The environment for `keystone agent` commands against a real Linux guest:
-/// the VM runner's variables, the image, and a private HOME, config and
-/// runtime directory under `root`.
+/// keystone-vmm, the image, and a private HOME, config and runtime directory
+/// under `root`. Checks for hardware KVM first.
 pub fn agent_env(root: &Path, image: &Path) -> Vec<(&'static str, String)> {
-    let (_, mut env) = vm_runner();
-    env.push(("KEYSTONE_GUEST_IMAGE", image.display().to_string()));
-    env.push(("HOME", root.join("home").display().to_string()));
-    env.push(("XDG_CONFIG_HOME", root.join("config").display().to_string()));
-    env.push(("XDG_RUNTIME_DIR", root.join("run").display().to_string()));
-    env.push(("KEYSTONE_READY_TIMEOUT", "400".into()));
-    env
+    require_hardware_kvm();
+    vec![
+        ("KEYSTONE_VMM", vmm_binary().display().to_string()),
+        ("KEYSTONE_GUEST_IMAGE", image.display().to_string()),
+        ("HOME", root.join("home").display().to_string()),
+        ("XDG_CONFIG_HOME", root.join("config").display().to_string()),
+        ("XDG_RUNTIME_DIR", root.join("run").display().to_string()),
+        ("KEYSTONE_READY_TIMEOUT", "400".into()),
+    ]
 }
 
 /// Build (or take from the machine's cache) the Debian guest image with
@@ -87,6 +81,10 @@ pub fn debian_image(keystone: &Path) -> PathBuf {
     if let Some(dir) = std::env::var_os("KEYSTONE_GUEST_IMAGE") {
         return PathBuf::from(dir);
     }
+    assert!(
+        std::env::var_os("KEYSTONE_LANE").is_none(),
+        "inside the lane the image cache is read-only: set KEYSTONE_GUEST_IMAGE (tests/lane/suites does)"
+    );
     let out = Command::new(keystone)
         .args(["image", "build", "--builder", "debian"])
         .stderr(std::process::Stdio::inherit())

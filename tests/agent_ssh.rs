@@ -10,116 +10,21 @@
 
 #[path = "common/guest.rs"]
 mod guest;
+#[path = "common/agent.rs"]
+mod agent;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn keystone() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_keystone"))
-}
-
-struct World {
-    root: PathBuf,
-    project: PathBuf,
-    env: Vec<(&'static str, String)>,
-}
-
-impl World {
-    fn new() -> World {
-        let root = std::env::temp_dir().join(format!("ks-agent-ssh-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("home")).unwrap();
-        let project = root.join("proj");
-        guest::git_repo(&project);
-        let image = guest::debian_image(keystone());
-        let env = guest::agent_env(&root, &image);
-        let w = World { root, project, env };
-        w.git(&["branch", "feature"]);
-        w
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(keystone());
-        c.args(args).current_dir(&self.project).stdin(Stdio::null());
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let out = self.cmd(args).output().unwrap();
-        eprintln!(
-            "$ keystone {} -> {:?}\n{}{}",
-            args.join(" "),
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    fn exec(&self, script: &str) -> Output {
-        self.run(&["agent", "exec", "proj", "--", "sh", "-c", script])
-    }
-
-    fn guest_commit(&self, msg: &str) {
-        let out = self.exec(&format!(
-            "echo '{msg}' >> log.txt && git add log.txt && git -c user.name=Agent -c user.email=agent@sandbox commit -q -m '{msg}'"
-        ));
-        assert_eq!(code(&out), 0, "guest commit failed");
-    }
-
-    fn git(&self, args: &[&str]) -> String {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(&self.project)
-            .args(["-c", "user.name=Host", "-c", "user.email=host@example.com"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    fn head_subject(&self) -> String {
-        self.git(&["log", "-1", "--format=%s"])
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = self.cmd(&["agent", "destroy", "proj", "--force"]).output();
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
+use agent::{code, stdout, wait_until, World};
 
 #[test]
 #[ignore = "lane: boots Linux on keystone-vmm, needs hardware KVM (tests/lane/suites)"]
 fn agent_sandbox_over_ssh_and_git() {
-    let w = World::new();
+    let world = World::new("agent-ssh");
+    let w = world.project("proj");
+    w.git(&["branch", "feature"]);
     let t0 = Instant::now();
     let out = w.run(&[
         "agent",
@@ -223,11 +128,11 @@ fn agent_sandbox_over_ssh_and_git() {
         stdout(&out).contains("Uncommitted changes (will NOT sync):")
             && stdout(&out).contains("dirty.txt")
     );
-    assert!(!w.project.join("dirty.txt").exists());
+    assert!(!w.dir.join("dirty.txt").exists());
 
     // Host dirty: fetched, not merged, exact command printed.
     w.guest_commit("guest two");
-    std::fs::write(w.project.join("README.md"), "host edit\n").unwrap();
+    std::fs::write(w.dir.join("README.md"), "host edit\n").unwrap();
     let out = w.run(&["agent", "sync"]);
     assert_eq!(code(&out), 3);
     assert!(
@@ -236,7 +141,7 @@ fn agent_sandbox_over_ssh_and_git() {
         stdout(&out)
     );
     assert_eq!(
-        std::fs::read_to_string(w.project.join("README.md")).unwrap(),
+        std::fs::read_to_string(w.dir.join("README.md")).unwrap(),
         "host edit\n"
     );
     assert_eq!(w.head_subject(), "guest one");
@@ -245,7 +150,7 @@ fn agent_sandbox_over_ssh_and_git() {
     assert_eq!(w.head_subject(), "guest two");
 
     // Diverged: never merged automatically.
-    std::fs::write(w.project.join("host.txt"), "h\n").unwrap();
+    std::fs::write(w.dir.join("host.txt"), "h\n").unwrap();
     w.git(&["add", "host.txt"]);
     w.git(&["commit", "-q", "-m", "host side"]);
     w.guest_commit("guest three");
@@ -272,21 +177,21 @@ fn agent_sandbox_over_ssh_and_git() {
     );
 
     // Artifacts: files copied, a hostile symlink refused.
-    let outside = w.root.join("outside");
+    let outside = world.root.join("outside");
     std::fs::create_dir_all(&outside).unwrap();
     let out = w.exec("mkdir -p dist/js && echo built > dist/js/app.js && ln -s /etc/passwd dist/passwd && ln -s / dist/root");
     assert_eq!(code(&out), 0);
     let out = w.run(&["agent", "sync", "--artifacts"]);
     assert_eq!(
-        std::fs::read_to_string(w.project.join("dist/js/app.js")).unwrap(),
+        std::fs::read_to_string(w.dir.join("dist/js/app.js")).unwrap(),
         "built\n"
     );
     assert!(
-        w.project.join("dist/passwd").symlink_metadata().is_err(),
+        w.dir.join("dist/passwd").symlink_metadata().is_err(),
         "symlink copied"
     );
     assert!(
-        w.project.join("dist/root").symlink_metadata().is_err(),
+        w.dir.join("dist/root").symlink_metadata().is_err(),
         "symlink copied"
     );
     assert!(
@@ -298,7 +203,7 @@ fn agent_sandbox_over_ssh_and_git() {
     // ssh-config: plain `ssh keystone-proj` works with the printed stanza.
     let out = w.run(&["agent", "ssh-config", "proj"]);
     assert_eq!(code(&out), 0);
-    let cfg = w.root.join("ssh_config");
+    let cfg = world.root.join("ssh_config");
     std::fs::write(&cfg, stdout(&out)).unwrap();
     assert!(stdout(&out).contains("Host keystone-proj"));
     let mut ssh = Command::new("ssh");
@@ -317,7 +222,7 @@ fn agent_sandbox_over_ssh_and_git() {
     assert_eq!(stdout(&out).trim(), "proj");
 
     // A changed host key is an error, never accepted.
-    let keys = w
+    let keys = world
         .root
         .join("config/keystone/agent/sandboxes/proj/state/host_keys");
     let good = std::fs::read_to_string(&keys).unwrap();

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build a Keystone guest kernel from Debian's linux-source-6.1: `make
-# tinyconfig`, then our fragments, then (for some variants) our patches,
-# cached by content hash (source tarball + fragments + patches + this script).
+# tinyconfig`, then our fragments (no patches: an unmodified kernel),
+# cached by content hash (source tarball + fragments + this script).
 # Prints the cache directory holding vmlinux, bzImage and .config.
 #
 #   guest-image/kernel/build-kernel.sh [--variant NAME] [CACHE_ROOT]
@@ -10,8 +10,6 @@
 #   sandbox   (default) keystone.config + sandbox.config: the sandbox kernel
 #             (systemd, OpenSSH, overlay root); also the smoke image's kernel.
 #   minimal   keystone.config only: the device surface and a busybox init.
-#   pvm-test  keystone.config + pvm-test.config + pvm-test.patch: TEST ONLY,
-#             for PVM hosts (see pvm-test.config); never a sandbox's kernel.
 #
 # Needs: linux-source-6.1 flex bison bc libelf-dev libssl-dev (Debian).
 set -euo pipefail
@@ -20,17 +18,16 @@ variant=sandbox
 if [ "${1:-}" = "--variant" ]; then variant="${2:?--variant needs a name}"; shift 2; fi
 cache_root="${1:-${XDG_CACHE_HOME:-$HOME/.cache}/keystone/kernel}"
 case "$variant" in
-  sandbox)  fragments=("$here/keystone.config" "$here/sandbox.config"); patches=() ;;
-  minimal)  fragments=("$here/keystone.config"); patches=() ;;
-  pvm-test) fragments=("$here/keystone.config" "$here/pvm-test.config"); patches=("$here/pvm-test.patch") ;;
-  *) echo "error: unknown kernel variant '$variant' (sandbox, minimal, pvm-test)" >&2; exit 2 ;;
+  sandbox)  fragments=("$here/keystone.config" "$here/sandbox.config") ;;
+  minimal)  fragments=("$here/keystone.config") ;;
+  *) echo "error: unknown kernel variant '$variant' (sandbox, minimal)" >&2; exit 2 ;;
 esac
 tarball=/usr/src/linux-source-6.1.tar.xz
 [ -r "$tarball" ] || { echo "error: $tarball missing: apt-get install linux-source-6.1" >&2; exit 1; }
-for f in "${fragments[@]}" "${patches[@]}"; do
+for f in "${fragments[@]}"; do
   [ -r "$f" ] || { echo "error: $f missing" >&2; exit 1; }
 done
-hash="$( (sha256sum "$tarball" | cut -d' ' -f1; echo "$variant"; cat "${fragments[@]}" "${patches[@]}" "$0") | sha256sum | cut -c1-16)"
+hash="$( (sha256sum "$tarball" | cut -d' ' -f1; echo "$variant"; cat "${fragments[@]}" "$0") | sha256sum | cut -c1-16)"
 out="$cache_root/$variant-$hash"
 if [ -s "$out/vmlinux" ] && [ -s "$out/bzImage" ]; then
   echo "$out"; exit 0
@@ -41,10 +38,6 @@ rm -rf "$work"; mkdir -p "$work"
 echo "kernel ($variant): unpacking $tarball" >&2
 tar -C "$work" -xf "$tarball"
 src="$work/linux-source-6.1"
-for p in "${patches[@]}"; do
-  echo "kernel ($variant): applying $(basename "$p")" >&2
-  patch -d "$src" -p1 --quiet < "$p"
-done
 make -C "$src" -s tinyconfig >&2
 "$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "${fragments[@]}" >/dev/null
 make -C "$src" -s olddefconfig >&2

@@ -5,8 +5,7 @@
 //! guest is compiled for the host's own `x86_64-unknown-linux-gnu` target as
 //! a `#![no_std] #![no_main]` binary and linked with `-nostdlib -static`
 //! against `guest/link.ld`. `rustc` is invoked directly (not through cargo),
-//! so the host's RUSTFLAGS never reach the guest (`freestanding.rs`, shared
-//! with the PVM test init).
+//! so the host's RUSTFLAGS never reach the guest (`freestanding.rs`).
 
 #[path = "freestanding.rs"]
 mod freestanding;

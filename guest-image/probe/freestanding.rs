@@ -1,16 +1,15 @@
-//! Build-script helper shared by the probe guest (`build.rs` here) and the
-//! PVM test init (`guest-image/pvm-init/build.rs`, through `#[path]`):
-//! compile one freestanding `#![no_std] #![no_main]` Rust program with
-//! `rustc` directly for the host's `x86_64-unknown-linux-gnu` target (no
-//! bare-metal target or `rust-src` on the build machines), so the host's
-//! RUSTFLAGS never reach it, and ask cargo to rerun on any source change.
+//! Build-script helper of the probe guest (`build.rs` here): compile one
+//! freestanding `#![no_std] #![no_main]` Rust program with `rustc` directly
+//! for the host's `x86_64-unknown-linux-gnu` target (no bare-metal target
+//! or `rust-src` on the build machines), so the host's RUSTFLAGS never reach
+//! it, and ask cargo to rerun on any source change.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// One program to build.
 pub struct Program<'a> {
-    /// Name used in messages (`probe guest`, `pvm-init`).
+    /// Name used in messages (`probe guest`).
     pub what: &'a str,
     /// rustc `--crate-name`.
     pub crate_name: &'a str,

@@ -194,11 +194,6 @@ pub fn ready_timeout() -> Result<Duration, AgentError> {
     }
 }
 
-/// `KEYSTONE_HARNESS=tcg`: the VMM binary is a test harness (no KVM needed).
-fn harness() -> bool {
-    std::env::var("KEYSTONE_HARNESS").is_ok_and(|v| v == "tcg")
-}
-
 /// KVM usable at all (else exit 4).
 fn check_kvm(report: &HostReport) -> Result<(), AgentError> {
     match &report.kvm_usable {
@@ -590,14 +585,10 @@ pub fn start(
     let network = resolve_network(opts.network, opts.tap.as_deref())?;
     let timeout = ready_timeout()?;
 
-    let host = (!harness()).then(HostReport::inspect);
-    if let Some(h) = &host {
-        check_kvm(h)?;
-    }
+    let host = HostReport::inspect();
+    check_kvm(&host)?;
     let image = resolve_image()?;
-    if let Some(h) = &host {
-        check_flavor(h, &image)?;
-    }
+    check_flavor(&host, &image)?;
     let vmm = resolve_vmm()?;
 
     let me = ProcessId::current();

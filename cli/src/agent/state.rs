@@ -414,7 +414,7 @@ pub struct ImageRef {
 /// How the supervisor runs the VMM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Launch {
-    /// The keystone-vmm binary (or a test harness taking its flags).
+    /// The keystone-vmm binary.
     pub vmm: PathBuf,
     /// Its arguments.
     pub args: Vec<String>,

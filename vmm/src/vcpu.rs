@@ -215,6 +215,18 @@ impl Vcpu {
         self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
     }
 
+    /// One line of the vCPU's state for a fatal exit (triple fault): where
+    /// the guest was and in which mode, to tell a guest bug from a host one.
+    fn state_line(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+                r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
+        }
+    }
+
     /// Run until the guest stops, fails, or `stop` is set (and the thread is
     /// kicked with the vCPU kick signal).
     pub fn run(&mut self, stop: &AtomicBool) -> Result<VcpuStop, VcpuError> {
@@ -246,7 +258,10 @@ impl Vcpu {
                         }
                     }
                     VcpuExit::Hlt => return Ok(VcpuStop::Halted),
-                    VcpuExit::Shutdown => return Err(VcpuError::TripleFault(id)),
+                    VcpuExit::Shutdown => {
+                        tracing::error!("vCPU {id}: triple fault: {}", self.state_line());
+                        return Err(VcpuError::TripleFault(id));
+                    }
                     VcpuExit::FailEntry(reason, _cpu) => {
                         return Err(VcpuError::FailEntry { id, reason })
                     }

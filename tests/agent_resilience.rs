@@ -14,10 +14,10 @@
 //!   (`e2fsck -fn` on a copy), the sandbox restarts and the data the guest
 //!   had fsynced is intact.
 
-#[path = "common/guest.rs"]
-mod guest;
 #[path = "common/agent.rs"]
 mod agent;
+#[path = "common/guest.rs"]
+mod guest;
 
 use std::path::Path;
 use std::process::Command;
@@ -111,7 +111,11 @@ fn assert_fs_clean(disk: &Path, scratch: &Path) {
         matches!(replay.status.code(), Some(0 | 1)),
         "journal replay: {replay:?}"
     );
-    let check = Command::new("e2fsck").arg("-fn").arg(&copy).output().unwrap();
+    let check = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&copy)
+        .output()
+        .unwrap();
     assert_eq!(
         check.status.code(),
         Some(0),
@@ -140,7 +144,9 @@ fn two_sandboxes_user_network_auto_idle_and_kill_9() {
 
     // Both start at once.
     let t0 = Instant::now();
-    let a = start(&alpha, &["--sync-mode", "auto-idle"]).spawn().unwrap();
+    let a = start(&alpha, &["--sync-mode", "auto-idle"])
+        .spawn()
+        .unwrap();
     let b = start(&beta, &[]).spawn().unwrap();
     assert_success("start alpha", &a.wait_with_output().unwrap());
     assert_success("start beta", &b.wait_with_output().unwrap());
@@ -205,15 +211,15 @@ fn two_sandboxes_user_network_auto_idle_and_kill_9() {
     let st = beta.status();
     let pid = st["pid"].as_u64().expect("beta's VMM pid") as i32;
     // SAFETY: kill has no memory preconditions; pid is beta's keystone-vmm.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill -9 {pid}");
+    assert_eq!(
+        unsafe { libc::kill(pid, libc::SIGKILL) },
+        0,
+        "kill -9 {pid}"
+    );
     wait_until("beta to stop", Duration::from_secs(60), || {
         beta.status()["status"] != "running"
     });
-    assert_eq!(
-        code(&alpha.exec("true")),
-        0,
-        "alpha survives beta's crash"
-    );
+    assert_eq!(code(&alpha.exec("true")), 0, "alpha survives beta's crash");
     let disk = st["disk"].as_str().expect("disk path").to_string();
     assert_fs_clean(Path::new(&disk), &world.root);
 

@@ -8,10 +8,10 @@
 //! One sandbox, booted twice, walks through every case in order (boots are
 //! slow in the nested lane).
 
-#[path = "common/guest.rs"]
-mod guest;
 #[path = "common/agent.rs"]
 mod agent;
+#[path = "common/guest.rs"]
+mod guest;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -363,7 +363,10 @@ fn debian_image_boots_logs_in_over_vsock_and_persists() {
     let mut boot = Boot::start(img, &dir, &disk, &key, "first");
     // The image's init wrote Firecracker's boot timer on our device.
     let log = std::fs::read_to_string(&boot.log).unwrap();
-    assert!(log.contains("Guest-boot-time = "), "no boot-timer write: {log}");
+    assert!(
+        log.contains("Guest-boot-time = "),
+        "no boot-timer write: {log}"
+    );
     let state = dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::write(state.join("host_keys"), boot.host_keys.join("\n") + "\n").unwrap();

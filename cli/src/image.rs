@@ -547,24 +547,10 @@ pub fn build(opts: &BuildOptions) -> Result<Image, BuildError> {
 
 /// Hold an exclusive `flock` on `path` (created if needed) until dropped.
 fn lock(path: &Path) -> Result<std::fs::File, ImageError> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|source| ImageError::Write {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(ImageError::Write {
-            path: path.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(f)
+    crate::flock::lock(path, true).map_err(|source| ImageError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn set_current(cache: &Path, hash: &str) -> Result<(), ImageError> {

@@ -6,4 +6,5 @@
 pub mod agent;
 pub mod bench;
 pub mod doctor;
+pub mod flock;
 pub mod image;

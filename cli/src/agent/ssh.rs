@@ -183,11 +183,18 @@ pub fn user_key(home: &Path, keys_dir: &Path) -> Result<UserKey, SshError> {
         }
     }
     let private = keys_dir.join("id_ed25519");
+    std::fs::create_dir_all(keys_dir).map_err(|source| SshError::Write {
+        path: keys_dir.to_path_buf(),
+        source,
+    })?;
+    // Two first starts at once must not both run ssh-keygen: one's private
+    // key would end up beside the other's public key.
+    let lock_path = keys_dir.join(".lock");
+    let _lock = crate::flock::lock(&lock_path, true).map_err(|source| SshError::Write {
+        path: lock_path.clone(),
+        source,
+    })?;
     if !private.is_file() {
-        std::fs::create_dir_all(keys_dir).map_err(|source| SshError::Write {
-            path: keys_dir.to_path_buf(),
-            source,
-        })?;
         let status = Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "keystone", "-f"])
             .arg(&private)
@@ -535,6 +542,36 @@ pub fn sanitize(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_first_use_makes_one_matching_key_pair() {
+        let dir = std::env::temp_dir().join(format!("ks-userkey-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let home = dir.join("home");
+        let keys = dir.join("keys");
+        std::fs::create_dir_all(&home).unwrap();
+        let got: Vec<UserKey> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| user_key(&home, &keys).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let derived = Command::new("ssh-keygen")
+            .args(["-y", "-f"])
+            .arg(keys.join("id_ed25519"))
+            .output()
+            .unwrap();
+        let derived = String::from_utf8_lossy(&derived.stdout);
+        let derived = derived.split_whitespace().take(2).collect::<Vec<_>>();
+        for k in &got {
+            assert_eq!(
+                k.public.split_whitespace().take(2).collect::<Vec<_>>(),
+                derived,
+                "public key does not match the private key"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn quoting_survives_the_shell() {

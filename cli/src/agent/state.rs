@@ -671,30 +671,7 @@ impl Registry {
         let root = &self.paths.root;
         std::fs::create_dir_all(root).map_err(io_err(root))?;
         let path = self.paths.lock_file();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        let op = if exclusive {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_SH
-        };
-        loop {
-            // SAFETY: flock on an fd we own.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-            if rc == 0 {
-                break;
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(io_err(&path)(e));
-            }
-        }
+        let file = crate::flock::lock(&path, exclusive).map_err(io_err(&path))?;
         Ok(RegistryLock { _file: file })
     }
 

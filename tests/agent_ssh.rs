@@ -33,7 +33,7 @@ fn agent_sandbox_over_ssh_and_git() {
         "--memory",
         "2048",
         "--vcpus",
-        "2",
+        &guest::test_vcpus(),
         "--network",
         "none",
     ]);

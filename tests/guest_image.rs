@@ -268,7 +268,7 @@ impl Boot {
             .arg(img.kernel())
             .arg("--cmdline")
             .arg(cmdline)
-            .args(["--memory", "1024", "--vcpus", "2"])
+            .args(["--memory", "1024", "--vcpus", &guest::test_vcpus()])
             .arg("--disk")
             .arg(format!("{},ro", img.rootfs().unwrap().display()))
             .arg("--disk")

@@ -60,6 +60,17 @@ pub fn vmm_binary() -> PathBuf {
         })
 }
 
+/// vCPUs for the Linux guests these tests boot: `$KEYSTONE_TEST_VCPUS`,
+/// else 2. The lane sets 1: there, 2-vCPU guests under load triple-faulted
+/// and once took the nested kernel down (QEMU's emulated SVM; see
+/// `tests/lane/suites`).
+pub fn test_vcpus() -> String {
+    std::env::var("KEYSTONE_TEST_VCPUS")
+        .ok()
+        .filter(|v| v.parse::<u8>().is_ok_and(|n| n > 0))
+        .unwrap_or_else(|| "2".into())
+}
+
 /// The environment for `keystone agent` commands against a real Linux guest:
 /// keystone-vmm, the image, and a private HOME, config and runtime directory
 /// under `root`. Checks for hardware KVM first.

@@ -4,7 +4,7 @@
 //!
 //! | thread | syscalls | why |
 //! |---|---|---|
-//! | vCPU (`ks_vcpuN`) | [`VCPU_SYSCALLS`] | KVM_RUN and KVM_GET_REGS only, eventfd/console writes, locks, allocation, the kick signal, closing fds (`fcntl` only as F_GETFD), thread exit |
+//! | vCPU (`ks_vcpuN`) | [`VCPU_SYSCALLS`] | KVM_RUN, and KVM_GET_REGS / KVM_GET_SREGS (read-only: the state logged on a fatal exit) only, eventfd/console writes, locks, allocation, the kick signal, closing fds (`fcntl` only as F_GETFD), thread exit |
 //! | VMM (event loop) | [`VMM_SYSCALLS`] | epoll, eventfds, disk I/O, AF_UNIX sockets for vsock, timers, terminal restore, allocation, vCPU kicks, exit |
 //!
 //! Both stay under Firecracker's sizes (VMM 50, vCPU 27). A few calls are
@@ -57,6 +57,7 @@ pub enum Violation {
 // KVM ioctl request numbers.
 const KVM_RUN: u64 = 0xae80;
 const KVM_GET_REGS: u64 = 0x8090_ae81;
+const KVM_GET_SREGS: u64 = 0x8138_ae83;
 // Terminal ioctls (restoring the console's mode at exit).
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
@@ -65,7 +66,8 @@ const TCSETSF: u64 = 0x5404;
 // Non-blocking mode on accepted vsock streams (`set_nonblocking`).
 const FIONBIO: u64 = 0x5421;
 
-/// Syscalls of a vCPU thread (`ioctl` narrowed to KVM_RUN, KVM_GET_REGS).
+/// Syscalls of a vCPU thread (`ioctl` narrowed to KVM_RUN, KVM_GET_REGS,
+/// KVM_GET_SREGS).
 pub const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_ioctl,
     libc::SYS_write,
@@ -175,7 +177,11 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         ThreadKind::Vcpu => {
             map.insert(
                 libc::SYS_ioctl,
-                vec![arg_eq(1, KVM_RUN)?, arg_eq(1, KVM_GET_REGS)?],
+                vec![
+                    arg_eq(1, KVM_RUN)?,
+                    arg_eq(1, KVM_GET_REGS)?,
+                    arg_eq(1, KVM_GET_SREGS)?,
+                ],
             );
             // Rust's debug builds check an fd is open before closing it.
             map.insert(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)?]);
@@ -270,6 +276,14 @@ pub fn install_log_handler() -> Result<(), SeccompError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kvm_ioctl_numbers_match_the_structs() {
+        // _IOR(KVMIO, nr, T): read direction, size of T, type 0xAE.
+        let ior = |nr: u64, size: usize| (2 << 30) | ((size as u64) << 16) | (0xae << 8) | nr;
+        assert_eq!(KVM_GET_REGS, ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>()));
+        assert_eq!(KVM_GET_SREGS, ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>()));
+    }
 
     #[test]
     fn lists_stay_within_firecrackers_sizes() {

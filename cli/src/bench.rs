@@ -84,10 +84,13 @@ pub enum Guest {
     },
 }
 
-/// A peer VMM to compare with.
+/// A peer VMM to compare with (QEMU: probe or Linux guest; Firecracker:
+/// probe guest).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Peer {
-    /// `qemu-system-x86_64 -accel kvm -M microvm,acpi=off -cpu host,-arch-capabilities -device i8042 -no-reboot`.
+    /// `qemu-system-x86_64 -accel kvm -M microvm,acpi=off -cpu host,-arch-capabilities -device i8042 -no-reboot`;
+    /// a Linux guest gets its root filesystem on virtio-blk-device and a
+    /// vhost-vsock-device (CID 3).
     Qemu(PathBuf),
     /// `firecracker --no-api --config-file`.
     Firecracker(PathBuf),
@@ -234,9 +237,80 @@ struct Observed {
     peak_rss_mib: f64,
 }
 
+/// Where the guest's readiness message arrives: keystone-vmm's hybrid vsock
+/// Unix socket (`<uds>_1024`), or an `AF_VSOCK` socket on the host's port
+/// 1024 for QEMU's vhost-vsock device.
+enum ReadyListener {
+    Unix(UnixListener),
+    Vsock(std::os::fd::OwnedFd),
+}
+
+impl ReadyListener {
+    /// Block until a guest connects and sends its line; when it connected.
+    fn accept_line(self) -> Option<Instant> {
+        let stream: Box<dyn Read> = match self {
+            ReadyListener::Unix(l) => Box::new(l.accept().ok()?.0),
+            ReadyListener::Vsock(fd) => {
+                use std::os::fd::{AsRawFd, FromRawFd};
+                // SAFETY: accept4 on a listening socket we own; no address
+                // is asked for.
+                let c = unsafe {
+                    libc::accept4(
+                        fd.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_CLOEXEC,
+                    )
+                };
+                if c < 0 {
+                    return None;
+                }
+                // SAFETY: c is a fresh descriptor that nothing else owns.
+                Box::new(std::fs::File::from(unsafe {
+                    std::os::fd::OwnedFd::from_raw_fd(c)
+                }))
+            }
+        };
+        let at = Instant::now();
+        let mut line = String::new();
+        let _ = BufReader::new(stream).read_line(&mut line);
+        Some(at)
+    }
+}
+
+/// A listening `AF_VSOCK` stream socket on the host's `port` (any CID).
+fn vsock_listen(port: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_port = port;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    // SAFETY: addr is a valid sockaddr_vm and the length is its size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    // SAFETY: listen(2) on the socket we own.
+    if rc < 0 || unsafe { libc::listen(fd.as_raw_fd(), 4) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
 fn observe(
     mut cmd: Command,
-    ready_listener: Option<UnixListener>,
+    ready_listener: Option<ReadyListener>,
     stop_after_ready: bool,
     timeout: Duration,
 ) -> Result<Observed, String> {
@@ -269,10 +343,7 @@ fn observe(
     let ready = ready_listener.map(|l| {
         let (rtx, rrx) = channel();
         std::thread::spawn(move || {
-            if let Ok((mut s, _)) = l.accept() {
-                let at = Instant::now();
-                let mut line = String::new();
-                let _ = BufReader::new(&mut s).read_line(&mut line);
+            if let Some(at) = l.accept_line() {
                 let _ = rtx.send(at);
             }
         });
@@ -361,10 +432,10 @@ fn keystone_run(b: &BootBench, run: usize) -> Result<Sample, BenchError> {
         } => {
             let dir = scratch_dir()?;
             let uds = dir.join("v.sock");
-            listener = Some(
+            listener = Some(ReadyListener::Unix(
                 UnixListener::bind(format!("{}_1024", uds.display()))
                     .map_err(io("listen for the guest's readiness"))?,
-            );
+            ));
             cmd.arg("--kernel")
                 .arg(kernel)
                 .arg("--disk")
@@ -403,21 +474,26 @@ fn keystone_run(b: &BootBench, run: usize) -> Result<Sample, BenchError> {
     })
 }
 
-fn peer_run(b: &BootBench, peer: &Peer, run: usize) -> Result<Sample, BenchError> {
+/// The host's AF_VSOCK listener on port 1024, bound once for all QEMU runs:
+/// a closed connection keeps the port bound for a while (vsock's close
+/// timeout), so binding per run fails with EADDRINUSE.
+type VsockReady = Option<std::os::fd::OwnedFd>;
+
+fn peer_run(
+    b: &BootBench,
+    peer: &Peer,
+    run: usize,
+    vsock: &mut VsockReady,
+) -> Result<Sample, BenchError> {
     let fail = |reason: String| BenchError::Run {
         run,
         vmm: peer.name().into(),
         reason,
     };
-    let (kernel, cmdline) = match &b.guest {
-        Guest::Probe(elf) => (elf.clone(), "probe=timer,reset".to_string()),
-        Guest::Linux { .. } => {
-            return Err(fail("peers are compared on the probe guest only".into()));
-        }
-    };
     let mut scratch = None;
-    let cmd = match peer {
-        Peer::Qemu(bin) => {
+    let mut listener = None;
+    let cmd = match (peer, &b.guest) {
+        (Peer::Qemu(bin), guest) => {
             let mut c = Command::new(bin);
             c.args(["-accel", "kvm", "-M", "microvm,acpi=off"])
                 // IA32_ARCH_CAPABILITIES cannot be set on some hosts (PVM)
@@ -425,18 +501,60 @@ fn peer_run(b: &BootBench, peer: &Peer, run: usize) -> Result<Sample, BenchError
                 .args(["-m", &b.memory_mib.to_string()])
                 .args(["-smp", &b.vcpus.to_string()])
                 .args(["-nodefaults", "-no-user-config", "-nographic"])
-                .args(["-serial", "stdio", "-device", "i8042", "-no-reboot"])
-                .arg("-kernel")
-                .arg(&kernel)
-                .args(["-append", &cmdline]);
+                .args(["-serial", "stdio", "-device", "i8042", "-no-reboot"]);
+            match guest {
+                Guest::Probe(elf) => {
+                    c.arg("-kernel")
+                        .arg(elf)
+                        .args(["-append", "probe=timer,reset"]);
+                }
+                Guest::Linux {
+                    kernel,
+                    rootfs,
+                    cmdline,
+                } => {
+                    // The same kernel (PVH entry) and root filesystem on
+                    // virtio-mmio, and vhost-vsock: the guest reports ready
+                    // to the host's AF_VSOCK port 1024.
+                    if vsock.is_none() {
+                        *vsock = Some(vsock_listen(1024).map_err(|e| {
+                            fail(format!(
+                                "listen on AF_VSOCK port 1024 for the guest's readiness: {e} \
+                                 (QEMU's vsock needs vhost_vsock: modprobe vhost_vsock)"
+                            ))
+                        })?);
+                    }
+                    let fd = vsock
+                        .as_ref()
+                        .map(|fd| fd.try_clone())
+                        .transpose()
+                        .map_err(io("duplicate the vsock listener"))?;
+                    listener = fd.map(ReadyListener::Vsock);
+                    c.arg("-kernel")
+                        .arg(kernel)
+                        .args(["-append", cmdline])
+                        .arg("-drive")
+                        .arg(format!(
+                            "id=root,file={},format=raw,if=none,readonly=on",
+                            rootfs.display()
+                        ))
+                        .args(["-device", "virtio-blk-device,drive=root"])
+                        .args(["-device", "vhost-vsock-device,guest-cid=3"]);
+                }
+            }
             c
         }
-        Peer::Firecracker(bin) => {
+        (Peer::Firecracker(_), Guest::Linux { .. }) => {
+            return Err(fail(
+                "firecracker is compared on the probe guest only".into(),
+            ));
+        }
+        (Peer::Firecracker(bin), Guest::Probe(kernel)) => {
             let dir = scratch_dir()?;
             let cfg = serde_json::json!({
                 "boot-source": {
                     "kernel_image_path": kernel,
-                    "boot_args": cmdline,
+                    "boot_args": "probe=timer,reset",
                 },
                 "drives": [],
                 "machine-config": {
@@ -453,7 +571,8 @@ fn peer_run(b: &BootBench, peer: &Peer, run: usize) -> Result<Sample, BenchError
             c
         }
     };
-    let o = observe(cmd, None, false, Duration::from_secs(120)).map_err(fail)?;
+    let linux = listener.is_some();
+    let o = observe(cmd, listener, linux, Duration::from_secs(120)).map_err(fail)?;
     if let Some(dir) = scratch {
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -466,7 +585,7 @@ fn peer_run(b: &BootBench, peer: &Peer, run: usize) -> Result<Sample, BenchError
             None,
             o.first_output.map(ms),
             None,
-            None,
+            o.ready.map(ms),
             Some(ms(o.exit)),
         ],
         cpu_ms: o.cpu_ms,
@@ -497,6 +616,7 @@ pub struct Report {
 pub fn run(b: &BootBench) -> Result<Report, BenchError> {
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
+    let mut vsock: VsockReady = None;
     for i in 0..b.runs {
         let s = keystone_run(b, i)?;
         if b.progress {
@@ -510,7 +630,7 @@ pub fn run(b: &BootBench) -> Result<Report, BenchError> {
         }
         ours.push(s);
         if let Some(peer) = &b.against {
-            let s = peer_run(b, peer, i)?;
+            let s = peer_run(b, peer, i, &mut vsock)?;
             if b.progress {
                 eprint!(
                     "\r[{}/{}] {}: first output {:.2} ms, exit {:.2} ms   ",

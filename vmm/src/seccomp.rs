@@ -281,8 +281,14 @@ mod tests {
     fn kvm_ioctl_numbers_match_the_structs() {
         // _IOR(KVMIO, nr, T): read direction, size of T, type 0xAE.
         let ior = |nr: u64, size: usize| (2 << 30) | ((size as u64) << 16) | (0xae << 8) | nr;
-        assert_eq!(KVM_GET_REGS, ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>()));
-        assert_eq!(KVM_GET_SREGS, ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>()));
+        assert_eq!(
+            KVM_GET_REGS,
+            ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>())
+        );
+        assert_eq!(
+            KVM_GET_SREGS,
+            ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>())
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@ use seccompiler::BpfProgram;
 
 use keystone_devices::Bus;
 use kvm_bindings::{
-    kvm_cpuid_entry2, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
@@ -215,14 +215,10 @@ impl Vcpu {
         self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
     }
 
-    /// One line of the vCPU's state for a fatal exit (triple fault): where
-    /// the guest was and in which mode, to tell a guest bug from a host one.
+    /// One line of the vCPU's state for a fatal exit (triple fault).
     fn state_line(&self) -> String {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
-            (Ok(r), Ok(s)) => format!(
-                "rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
-                r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
-            ),
+            (Ok(r), Ok(s)) => state_line(&r, &s),
             (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
         }
     }
@@ -334,5 +330,42 @@ impl Vcpu {
                     tracing::error!("vCPU {}: cannot notify the VMM: {e}", self.id);
                 }
             })
+    }
+}
+
+/// Where the guest was and in which mode, to tell a guest bug from a host
+/// one. On AMD, KVM puts the vCPU through INIT before it reports a shutdown
+/// (the VMCB is undefined after one), so what reads back is the reset state:
+/// say so rather than print it as the guest's.
+fn state_line(r: &kvm_regs, s: &kvm_sregs) -> String {
+    if r.rip == 0xfff0 && s.cs.selector == 0xf000 && s.cr0 & 1 == 0 {
+        return "registers read back as the reset state (KVM on AMD resets the vCPU before it reports a shutdown)".into();
+    }
+    format!(
+        "rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+        r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_state_line_tells_the_reset_state_from_the_guests() {
+        let mut r = kvm_regs {
+            rip: 0xfff0,
+            ..Default::default()
+        };
+        let mut s = kvm_sregs::default();
+        s.cs.selector = 0xf000;
+        s.cr0 = 0x10;
+        assert!(state_line(&r, &s).contains("reset state"));
+        r.rip = 0xffff_ffff_8100_0000;
+        s.cs.selector = 0x10;
+        s.cr0 = 0x8005_0033;
+        let line = state_line(&r, &s);
+        assert!(line.starts_with("rip 0xffffffff81000000 "), "{line}");
+        assert!(line.contains("cr0 0x80050033"), "{line}");
     }
 }

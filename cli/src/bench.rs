@@ -865,22 +865,6 @@ pub fn probe_path() -> Result<PathBuf, BenchError> {
     Ok(path)
 }
 
-/// Find `name` next to this executable, else on PATH.
-pub fn find_binary(name: &str) -> Option<PathBuf> {
-    if let Some(p) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join(name)))
-        .filter(|p| p.is_file())
-    {
-        return Some(p);
-    }
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| PathBuf::from(d).join(name))
-        .find(|p| p.is_file())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -279,7 +279,7 @@ impl Builder {
         let store_populated = std::fs::read_dir("/nix/store")
             .map(|mut d| d.next().is_some())
             .unwrap_or(false);
-        if store_populated && crate::bench::find_binary("nix").is_some() {
+        if store_populated && crate::binaries::find_binary("nix").is_some() {
             Builder::Nix
         } else {
             Builder::Debian

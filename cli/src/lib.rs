@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod binaries;
 pub mod doctor;
 pub mod flock;
 pub mod image;

@@ -136,7 +136,7 @@ fn bench_boot(a: BootArgs) -> ExitCode {
     }
     let Some(vmm) = std::env::var_os("KEYSTONE_VMM")
         .map(PathBuf::from)
-        .or_else(|| bench::find_binary("keystone-vmm"))
+        .or_else(|| keystone_cli::binaries::find_binary("keystone-vmm"))
     else {
         return fail(
             1,
@@ -156,7 +156,7 @@ fn bench_boot(a: BootArgs) -> ExitCode {
     };
     let against = match a.against {
         None => None,
-        Some(PeerName::Qemu) => match bench::find_binary("qemu-system-x86_64") {
+        Some(PeerName::Qemu) => match keystone_cli::binaries::find_binary("qemu-system-x86_64") {
             Some(p) => Some(Peer::Qemu(p)),
             None => {
                 return fail(
@@ -165,7 +165,7 @@ fn bench_boot(a: BootArgs) -> ExitCode {
                 )
             }
         },
-        Some(PeerName::Firecracker) => match bench::find_binary("firecracker") {
+        Some(PeerName::Firecracker) => match keystone_cli::binaries::find_binary("firecracker") {
             Some(p) => Some(Peer::Firecracker(p)),
             None => return fail(1, "--against firecracker needs a firecracker binary on PATH"),
         },

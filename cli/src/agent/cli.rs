@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::lifecycle::{self, NetworkChoice, StartOptions};
 use super::state::{format_time, AgentPaths, Sandbox, SyncMode};
-use super::{exit, hooks, remote, supervisor, AgentError};
+use super::{exit, remote, session, supervisor, vmm_process, AgentError};
 
 /// The verbs of `keystone agent`.
 #[derive(Debug, Subcommand)]
@@ -306,7 +306,7 @@ fn human_status(s: &Sandbox) -> String {
         line("stopped:", opt(s.stopped_at));
     }
     if let Some(e) = &s.last_error {
-        line("last error:", lifecycle::sanitize_for_terminal(e));
+        line("last error:", vmm_process::sanitize_for_terminal(e));
     }
     out
 }
@@ -423,8 +423,8 @@ fn start(paths: &AgentPaths, a: StartArgs) -> u8 {
         );
         return exit::OK;
     }
-    match hooks::attach(s) {
-        Ok(()) => exit::OK,
+    match session::attach(s) {
+        Ok(_) => exit::OK,
         Err(source) => fail(&AgentError::Attach {
             name: s.name.clone(),
             source,
@@ -435,7 +435,11 @@ fn start(paths: &AgentPaths, a: StartArgs) -> u8 {
 /// Runs one `keystone agent` verb; returns the exit code.
 pub fn run(cmd: AgentCommand) -> u8 {
     if let AgentCommand::Supervise(a) = cmd {
-        return match supervisor::supervise(&AgentPaths::at(a.root), &a.name) {
+        return match supervisor::supervise(
+            &AgentPaths::at(a.root),
+            &a.name,
+            session::supervisor_hooks(),
+        ) {
             Ok(()) => exit::OK,
             Err(e) => fail(&e),
         };

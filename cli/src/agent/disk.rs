@@ -18,10 +18,10 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::state::DISK_SIZE;
-
 /// File-system label of the persistent disk.
 pub const DISK_LABEL: &str = "keystone-data";
+/// The persistent disk's size (a sparse file).
+pub const DISK_SIZE: &str = "16G";
 
 /// Errors preparing the disk.
 #[derive(Debug, thiserror::Error)]

@@ -8,22 +8,20 @@
 //! sandbox until given again; `--no-nested` applies to the boot it is given
 //! to.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::disk::{self, DiskError, DiskReport};
-use super::hooks;
+use super::session;
 use super::state::{
-    free_cid, now, remove_socket, sanitize_name, validate_name, vsock_socket_path, AgentPaths,
-    ImageRef, Launch, Network, ProcessId, Registry, Sandbox, Status, SyncMode,
+    free_cid, now, sanitize_name, validate_name, vsock_socket_path, AgentPaths, ImageRef, Launch,
+    Network, ProcessId, Registry, Sandbox, Status, SyncMode,
 };
+use super::vmm_process::{self, STOP_GRACE};
 use super::AgentError;
 use crate::doctor::HostReport;
-use crate::image::{self, Image, NAME_PARAM, NOTIFY_PORT, READY_PORT};
+use crate::image::{self, Image};
 use keystone_vmm::host::KvmFlavor;
 
 /// Default guest memory, MiB.
@@ -34,11 +32,6 @@ pub const MIN_MEMORY_MIB: u64 = 2048;
 pub const DEFAULT_VCPUS: u8 = 4;
 /// Default time to wait for the guest's readiness message.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(180);
-/// How long `stop` waits after SIGTERM before SIGKILL.
-pub const STOP_GRACE: Duration = Duration::from_secs(10);
-/// Lines of the console log shown when a start fails.
-pub const CONSOLE_TAIL_LINES: usize = 20;
-
 /// `--network` as given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NetworkChoice {
@@ -161,20 +154,6 @@ pub fn resolve_image() -> Result<Image, AgentError> {
     })
 }
 
-/// The VMM binary: `$KEYSTONE_VMM`, else `keystone-vmm` next to this
-/// program or on PATH.
-pub fn resolve_vmm() -> Result<PathBuf, AgentError> {
-    std::env::var_os("KEYSTONE_VMM")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| crate::bench::find_binary("keystone-vmm"))
-        .ok_or_else(|| {
-            AgentError::Image(
-                "keystone-vmm not found next to keystone or on PATH (or set KEYSTONE_VMM)".into(),
-            )
-        })
-}
-
 /// `$KEYSTONE_READY_TIMEOUT` seconds, else [`DEFAULT_READY_TIMEOUT`].
 pub fn ready_timeout() -> Result<Duration, AgentError> {
     match std::env::var("KEYSTONE_READY_TIMEOUT") {
@@ -233,113 +212,14 @@ fn project_of(path: &Path) -> Result<PathBuf, AgentError> {
     })
 }
 
-/// The sandbox `name`, or (no name) the one whose project is the current
-/// directory's git top level.
-pub fn find(reg: &Registry, name: Option<&str>) -> Result<Sandbox, AgentError> {
-    let list = reg.load()?;
-    if let Some(name) = name {
-        validate_name(name)?;
-        return list
-            .into_iter()
-            .find(|s| s.name == name)
-            .ok_or_else(|| AgentError::NotFound(name.to_string()));
-    }
-    let here = cwd()?;
-    let project = disk::git_toplevel(&here).map_err(|_| {
-        AgentError::NoProjectSandbox(format!(
-            "{} is not inside a git repository: name the sandbox",
-            here.display()
-        ))
-    })?;
-    let mut mine: Vec<Sandbox> = list
-        .into_iter()
-        .filter(|s| s.project_path == project)
-        .collect();
-    match mine.len() {
-        0 => Err(AgentError::NoProjectSandbox(format!(
-            "no sandbox for {}: name one (`keystone agent list`)",
-            project.display()
-        ))),
-        1 => Ok(mine.remove(0)),
-        _ => {
-            let names: Vec<&str> = mine.iter().map(|s| s.name.as_str()).collect();
-            Err(AgentError::NoProjectSandbox(format!(
-                "several sandboxes for {}: {}; name one",
-                project.display(),
-                names.join(", ")
-            )))
-        }
-    }
-}
-
-/// The sandbox as it is now: the observed status, and the pids of
-/// processes that are gone cleared.
-pub fn observed(s: &Sandbox) -> Sandbox {
-    let mut v = s.clone();
-    v.status = s.observed_status();
-    let keep = |p: Option<ProcessId>| p.filter(ProcessId::is_alive);
-    v.vmm = keep(v.vmm);
-    v.supervisor = keep(v.supervisor);
-    v.starter = keep(v.starter);
-    v
-}
-
 /// `status`: one sandbox as it is now.
 pub fn status(paths: &AgentPaths, name: Option<&str>) -> Result<Sandbox, AgentError> {
-    Ok(observed(&find(&paths.registry(), name)?))
+    Ok(paths.registry().find(name)?.observed())
 }
 
 /// `list`: every sandbox as it is now, by name.
 pub fn list(paths: &AgentPaths) -> Result<Vec<Sandbox>, AgentError> {
-    Ok(paths.registry().load()?.iter().map(observed).collect())
-}
-
-/// Strips what a terminal would interpret from guest output (escape
-/// sequences, other control characters), keeping tabs.
-pub fn sanitize_for_terminal(text: &str) -> String {
-    text.chars()
-        .map(|c| if c == '\t' || !c.is_control() { c } else { '?' })
-        .collect()
-}
-
-/// The last `lines` lines of `path` (at most its last 64 KiB), sanitized.
-pub fn tail(path: &Path, lines: usize) -> Vec<String> {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
-    let mut buf = Vec::new();
-    let _ = f.take(64 * 1024).read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..]
-        .iter()
-        .map(|l| sanitize_for_terminal(l))
-        .collect()
-}
-
-/// The console and VMM log tails shown when a start fails.
-pub fn boot_logs(s: &Sandbox) -> String {
-    let mut out = String::new();
-    for (what, path, n) in [
-        ("console", s.console_log(), CONSOLE_TAIL_LINES),
-        ("keystone-vmm log", s.vmm_log(), 10),
-    ] {
-        let lines = tail(&path, n);
-        out.push_str(&format!(
-            "--- {what} ({}), last lines ---\n",
-            path.display()
-        ));
-        if lines.is_empty() {
-            out.push_str("(empty)\n");
-        }
-        for l in lines {
-            out.push_str(&l);
-            out.push('\n');
-        }
-    }
-    out
+    Ok(paths.registry().observed()?)
 }
 
 /// What [`reserve`] found.
@@ -452,105 +332,19 @@ fn mark_failed(reg: &Registry, name: &str, me: Option<ProcessId>, reason: &str) 
     });
 }
 
-/// The keystone-vmm arguments for `s` booting `image`.
-fn vmm_args(
-    s: &Sandbox,
-    image: &Image,
-    extra_cmdline: &[String],
-) -> Result<Vec<String>, AgentError> {
-    let path = |p: &Path, what: &str| -> Result<String, AgentError> {
-        let text = p.to_str().ok_or_else(|| {
-            AgentError::Image(format!("{what} path {} is not UTF-8", p.display()))
-        })?;
-        if text.contains(',') {
-            return Err(AgentError::Image(format!(
-                "{what} path {text} contains ',', which keystone-vmm's --disk cannot take"
-            )));
-        }
-        Ok(text.to_string())
-    };
-    let mut cmdline = image.manifest.cmdline.trim().to_string();
-    for token in
-        std::iter::once(format!("{NAME_PARAM}={}", s.name)).chain(extra_cmdline.iter().cloned())
-    {
-        if !cmdline.is_empty() {
-            cmdline.push(' ');
-        }
-        cmdline.push_str(&token);
-    }
-    let mut args = vec!["--kernel".to_string(), path(&image.kernel(), "kernel")?];
-    if let Some(initrd) = image.initrd() {
-        args.push("--initrd".into());
-        args.push(path(&initrd, "initrd")?);
-    }
-    args.extend([
-        "--cmdline".into(),
-        cmdline,
-        "--memory".into(),
-        s.memory_mib.to_string(),
-        "--vcpus".into(),
-        s.vcpus.to_string(),
-    ]);
-    if !s.nested {
-        args.push("--no-nested".into());
-    }
-    if let Some(rootfs) = image.rootfs() {
-        args.push("--disk".into());
-        args.push(format!("{},ro", path(&rootfs, "rootfs")?));
-    }
-    args.push("--disk".into());
-    args.push(path(&s.disk, "disk")?);
-    args.push("--vsock".into());
-    args.push(format!("{},{}", s.cid, s.vsock_uds.display()));
-    if let Some(net) = s.network.vmm_arg(&s.name) {
-        args.push("--net".into());
-        args.push(net);
-    }
-    args.push("--boot-timer".into());
-    Ok(args)
+/// What `start` checked before it touches the registry.
+struct Checked {
+    name: String,
+    project: PathBuf,
+    network: Option<Network>,
+    timeout: Duration,
+    image: Image,
+    vmm: PathBuf,
 }
 
-/// Spawns the supervisor of `name`, detached (new session, stdio to
-/// `state/supervisor.log`, working directory `/`).
-fn spawn_supervisor(paths: &AgentPaths, s: &Sandbox) -> Result<std::process::Child, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("locating keystone: {e}"))?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(s.supervisor_log())
-        .map_err(|e| format!("{}: {e}", s.supervisor_log().display()))?;
-    let log2 = log
-        .try_clone()
-        .map_err(|e| format!("{}: {e}", s.supervisor_log().display()))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("agent")
-        .arg("__supervise")
-        .arg("--root")
-        .arg(&paths.root)
-        .arg(&s.name)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .current_dir("/");
-    // SAFETY: setsid(2) is async-signal-safe; it only fails if we already
-    // lead a process group, which a fresh child does not.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    cmd.spawn()
-        .map_err(|e| format!("starting the supervisor: {e}"))
-}
-
-/// `start`: see the module docs and the issue. `progress` gets one-line
-/// notes (for stderr).
-pub fn start(
-    paths: &AgentPaths,
-    opts: &StartOptions,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Started, AgentError> {
+/// `start`, phase 1: the options, the host's KVM, the image and the VMM
+/// binary, all before anything is recorded.
+fn check_start(opts: &StartOptions) -> Result<Checked, AgentError> {
     let path = match &opts.path {
         Some(p) => p.clone(),
         None => cwd()?,
@@ -589,34 +383,75 @@ pub fn start(
     check_kvm(&host)?;
     let image = resolve_image()?;
     check_flavor(&host, &image)?;
-    let vmm = resolve_vmm()?;
-
-    let me = ProcessId::current();
-    let plan = Plan {
-        name: &name,
-        project: &project,
-        opts,
+    let vmm = vmm_process::resolve_vmm()?;
+    Ok(Checked {
+        name,
+        project,
         network,
-        me,
-    };
-    let reg = paths.registry();
-    let (mut sandbox, previous) = match reserve(paths, &plan)? {
+        timeout,
+        image,
+        vmm,
+    })
+}
+
+/// A start in progress: whose it is, to record its failure.
+struct Starting<'a> {
+    reg: &'a Registry,
+    name: &'a str,
+    me: Option<ProcessId>,
+}
+
+impl Starting<'_> {
+    /// Records the start failed and returns `e`.
+    fn failed(&self, e: AgentError) -> AgentError {
+        mark_failed(self.reg, self.name, self.me, &e.to_string());
+        e
+    }
+
+    /// Records the start failed with `reason` (an internal error).
+    fn internal(&self, reason: String) -> AgentError {
+        mark_failed(self.reg, self.name, self.me, &reason);
+        AgentError::Internal(reason)
+    }
+
+    /// Records a boot failure with the console and VMM log tails.
+    fn boot_failure(&self, reason: String, fallback: &Sandbox) -> AgentError {
+        mark_failed(self.reg, self.name, self.me, &reason);
+        let s = self
+            .reg
+            .get(self.name)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| fallback.clone());
+        AgentError::Boot {
+            name: self.name.to_string(),
+            reason,
+            console: vmm_process::boot_logs(&s),
+        }
+    }
+}
+
+/// `start`, phase 2: the sandbox reserved for us (stopped first for
+/// `--fresh`), and an earlier run's supervisor gone.
+fn take(
+    paths: &AgentPaths,
+    plan: &Plan,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Sandbox, AgentError> {
+    let (sandbox, previous) = match reserve(paths, plan)? {
         Reservation::Reserved(s, previous) => (*s, previous),
-        Reservation::Running(s) if opts.fresh => {
-            progress(&format!("stopping sandbox {name} for --fresh"));
-            stop_processes(&reg, &s);
-            match reserve(paths, &plan)? {
+        Reservation::Running(s) if plan.opts.fresh => {
+            progress(&format!("stopping sandbox {} for --fresh", plan.name));
+            stop_sandbox(&paths.registry(), &s);
+            match reserve(paths, plan)? {
                 Reservation::Reserved(s, previous) => (*s, previous),
-                Reservation::Running(_) => return Err(AgentError::AlreadyRunning(name)),
+                Reservation::Running(_) => {
+                    return Err(AgentError::AlreadyRunning(plan.name.to_string()))
+                }
             }
         }
-        Reservation::Running(_) => return Err(AgentError::AlreadyRunning(name)),
+        Reservation::Running(_) => return Err(AgentError::AlreadyRunning(plan.name.to_string())),
     };
-    let fail = |reason: String| -> AgentError {
-        mark_failed(&reg, &name, me, &reason);
-        AgentError::Internal(reason)
-    };
-
     // A supervisor of an earlier run (its VMM gone) may still be cleaning
     // up: let it finish before the sockets are made again.
     if let Some(old) = previous.filter(|p| p.is_alive()) {
@@ -625,47 +460,55 @@ pub fn start(
             old.wait_gone(Duration::from_secs(2));
         }
     }
+    Ok(sandbox)
+}
+
+/// `start`, phase 3: the private state directory, and a new disk when
+/// there is none (or `--fresh`).
+fn prepare_files(
+    st: &Starting,
+    sandbox: &Sandbox,
+    project: &Path,
+    fresh: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Option<DiskReport>, AgentError> {
     // The state directory holds the vsock sockets: only we may reach them.
     std::fs::create_dir_all(&sandbox.state_dir)
         .and_then(|()| {
             std::fs::set_permissions(&sandbox.state_dir, std::fs::Permissions::from_mode(0o700))
         })
-        .map_err(|e| fail(format!("{}: {e}", sandbox.state_dir.display())))?;
+        .map_err(|e| st.internal(format!("{}: {e}", sandbox.state_dir.display())))?;
+    if !fresh && sandbox.disk.exists() {
+        return Ok(None);
+    }
+    progress(&format!(
+        "cloning {} into a new disk for sandbox {}",
+        project.display(),
+        sandbox.name
+    ));
+    let _ = std::fs::remove_file(&sandbox.disk);
+    let _ = std::fs::remove_file(sandbox.host_keys());
+    disk::create_disk(project, &sandbox.dir, &sandbox.disk)
+        .map(Some)
+        .map_err(|e| st.failed(AgentError::Disk(e)))
+}
 
-    let new_disk = if opts.fresh || !sandbox.disk.exists() {
-        progress(&format!(
-            "cloning {} into a new disk for sandbox {name}",
-            project.display()
-        ));
-        let _ = std::fs::remove_file(&sandbox.disk);
-        let _ = std::fs::remove_file(sandbox.host_keys());
-        match disk::create_disk(&project, &sandbox.dir, &sandbox.disk) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                mark_failed(&reg, &name, me, &e.to_string());
-                return Err(AgentError::Disk(e));
-            }
-        }
+/// `start`, phase 4: the keystone-vmm launch recorded for the supervisor.
+fn record_launch(
+    st: &Starting,
+    sandbox: &mut Sandbox,
+    image: &Image,
+    vmm: PathBuf,
+) -> Result<(), AgentError> {
+    let key = if image.manifest.ssh {
+        let key = session::authorized_key(sandbox)
+            .map_err(|e| st.failed(AgentError::Image(format!("boot parameters: {e}"))))?;
+        Some(key)
     } else {
         None
     };
-
-    let extra = if image.manifest.ssh {
-        hooks::boot_params(&sandbox).map_err(|e| {
-            let reason = format!("boot parameters: {e}");
-            mark_failed(&reg, &name, me, &reason);
-            AgentError::Image(reason)
-        })?
-    } else {
-        Vec::new()
-    };
-    let args = match vmm_args(&sandbox, &image, &extra) {
-        Ok(a) => a,
-        Err(e) => {
-            mark_failed(&reg, &name, me, &e.to_string());
-            return Err(e);
-        }
-    };
+    let args =
+        vmm_process::launch_args(sandbox, image, key.as_deref()).map_err(|e| st.failed(e))?;
     sandbox.launch = Some(Launch { vmm, args });
     sandbox.image = Some(ImageRef {
         dir: image.dir.clone(),
@@ -673,57 +516,40 @@ pub fn start(
         ssh: image.manifest.ssh,
     });
     let (launch, image_ref) = (sandbox.launch.clone(), sandbox.image.clone());
-    reg.modify(&name, |s| {
-        s.launch = launch;
-        s.image = image_ref;
-    })
-    .map_err(|e| fail(e.to_string()))?;
+    st.reg
+        .modify(st.name, |s| {
+            s.launch = launch;
+            s.image = image_ref;
+        })
+        .map_err(|e| st.internal(e.to_string()))?;
+    Ok(())
+}
 
-    progress(&format!("booting sandbox {name}"));
-    let spawned = Instant::now();
-    let mut child = spawn_supervisor(paths, &sandbox).map_err(|reason| {
-        mark_failed(&reg, &name, me, &reason);
-        AgentError::Boot {
-            name: name.clone(),
-            reason,
-            console: String::new(),
-        }
-    })?;
-    let boot_failure = |reg: &Registry, reason: String| -> AgentError {
-        mark_failed(reg, &name, me, &reason);
-        let s = reg
-            .get(&name)
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| sandbox.clone());
-        AgentError::Boot {
-            name: name.clone(),
-            reason,
-            console: boot_logs(&s),
-        }
-    };
+/// `start`, phase 5: waits for the supervisor to report the guest ready
+/// (or failed, or gone), up to `timeout` after `spawned`; returns the
+/// sandbox as it runs.
+fn wait_ready(
+    st: &Starting,
+    child: &mut std::process::Child,
+    sandbox: &Sandbox,
+    spawned: Instant,
+    timeout: Duration,
+) -> Result<Sandbox, AgentError> {
+    let (reg, name, me) = (st.reg, st.name, st.me);
     let deadline = spawned + timeout;
     loop {
-        let current = reg.get(&name)?;
-        let Some(s) = current else {
+        let Some(s) = reg.get(name)? else {
             return Err(AgentError::Internal(format!(
                 "sandbox {name} was removed while starting"
             )));
         };
         if s.status == Status::Running && s.vmm.is_some_and(|p| p.is_alive()) {
-            let boot_time = spawned.elapsed();
-            let _ = reg.modify(&name, |r| {
+            let _ = reg.modify(name, |r| {
                 if r.starter == me {
                     r.starter = None;
                 }
             });
-            let sandbox = reg.get(&name)?.map(|r| observed(&r)).unwrap_or(s);
-            return Ok(Started {
-                sandbox,
-                new_disk,
-                boot_time,
-                ssh: image.manifest.ssh,
-            });
+            return Ok(reg.get(name)?.map(|r| r.observed()).unwrap_or(s));
         }
         if s.status == Status::Failed {
             let _ = child.wait();
@@ -731,112 +557,84 @@ pub fn start(
                 .last_error
                 .clone()
                 .unwrap_or_else(|| "the supervisor failed".into());
-            return Err(boot_failure(&reg, reason));
+            return Err(st.boot_failure(reason, sandbox));
         }
-        if let Ok(Some(st)) = child.try_wait() {
-            let s = reg.get(&name)?.unwrap_or(s);
+        if let Ok(Some(status)) = child.try_wait() {
+            let s = reg.get(name)?.unwrap_or(s);
             let reason = s.last_error.clone().unwrap_or_else(|| {
-                format!("the supervisor exited ({st}) before the guest was ready")
+                format!("the supervisor exited ({status}) before the guest was ready")
             });
-            return Err(boot_failure(&reg, reason));
+            return Err(st.boot_failure(reason, sandbox));
         }
         if Instant::now() >= deadline {
-            stop_supervisor_child(&mut child);
-            return Err(boot_failure(
-                &reg,
+            vmm_process::stop_supervisor_child(child);
+            return Err(st.boot_failure(
                 format!(
                     "the guest was not ready within {} s (KEYSTONE_READY_TIMEOUT)",
                     timeout.as_secs()
                 ),
+                sandbox,
             ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// SIGTERM to our supervisor child (it stops the VMM), SIGKILL if it
-/// lingers; reaps it.
-fn stop_supervisor_child(child: &mut std::process::Child) {
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) on our own child, not reaped yet, so the pid is its.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + STOP_GRACE + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+/// `start`: see the module docs and the issue. `progress` gets one-line
+/// notes (for stderr).
+pub fn start(
+    paths: &AgentPaths,
+    opts: &StartOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Started, AgentError> {
+    let c = check_start(opts)?;
+    let me = ProcessId::current();
+    let plan = Plan {
+        name: &c.name,
+        project: &c.project,
+        opts,
+        network: c.network.clone(),
+        me,
+    };
+    let mut sandbox = take(paths, &plan, progress)?;
+    let reg = paths.registry();
+    let st = Starting {
+        reg: &reg,
+        name: &c.name,
+        me,
+    };
+    let new_disk = prepare_files(&st, &sandbox, &c.project, opts.fresh, progress)?;
+    record_launch(&st, &mut sandbox, &c.image, c.vmm.clone())?;
+
+    progress(&format!("booting sandbox {}", c.name));
+    let spawned = Instant::now();
+    let mut child = vmm_process::spawn_supervisor(paths, &sandbox).map_err(|reason| {
+        mark_failed(&reg, &c.name, me, &reason);
+        AgentError::Boot {
+            name: c.name.clone(),
+            reason,
+            console: String::new(),
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    })?;
+    let sandbox = wait_ready(&st, &mut child, &sandbox, spawned, c.timeout)?;
+    Ok(Started {
+        sandbox,
+        new_disk,
+        boot_time: spawned.elapsed(),
+        ssh: c.image.manifest.ssh,
+    })
 }
 
-/// Stops `s`'s processes: the guest's own poweroff first (SSH images), then
-/// SIGTERM to the supervisor (which stops the VMM) or to the VMM itself,
-/// SIGKILL after [`STOP_GRACE`]; then records it stopped (unless another
-/// run took over) and removes its sockets.
-fn stop_processes(reg: &Registry, s: &Sandbox) {
-    let alive = |p: &Option<ProcessId>| p.is_some_and(|p| p.is_alive());
-    if s.image.as_ref().is_some_and(|i| i.ssh) && alive(&s.vmm) && hooks::request_poweroff(s) {
+/// Stops `s`: the guest's own poweroff first (SSH images, over the
+/// session), then its processes ([`vmm_process::stop_processes`]).
+fn stop_sandbox(reg: &Registry, s: &Sandbox) {
+    let vmm_alive = s.vmm.is_some_and(|p| p.is_alive());
+    if s.image.as_ref().is_some_and(|i| i.ssh) && vmm_alive && session::request_poweroff(s) {
         if let Some(vmm) = s.vmm {
             vmm.wait_gone(STOP_GRACE);
         }
     }
-    let procs: Vec<ProcessId> = [s.vmm, s.supervisor, s.starter]
-        .into_iter()
-        .flatten()
-        .collect();
-    if let Some(sup) = s.supervisor.filter(|p| p.is_alive()) {
-        sup.signal(libc::SIGTERM);
-    } else if let Some(vmm) = s.vmm.filter(|p| p.is_alive()) {
-        vmm.signal(libc::SIGTERM);
-    }
-    if let Some(starter) = s.starter.filter(|p| p.is_alive()) {
-        if Some(starter) != ProcessId::current() {
-            starter.signal(libc::SIGTERM);
-        }
-    }
-    let deadline = Instant::now() + STOP_GRACE;
-    let me = ProcessId::current();
-    let others = || {
-        procs
-            .iter()
-            .filter(|p| Some(**p) != me && p.is_alive())
-            .count()
-    };
-    while others() > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for p in procs.iter().filter(|p| Some(**p) != me) {
-        if p.is_alive() {
-            p.signal(libc::SIGKILL);
-            p.wait_gone(Duration::from_secs(2));
-        }
-    }
-    let mut clean = false;
-    let _ = reg.modify(&s.name, |r| {
-        let taken_over = r
-            .supervisor
-            .is_some_and(|p| p.is_alive() && Some(p) != s.supervisor);
-        if !taken_over {
-            if r.status != Status::Failed {
-                r.status = Status::Stopped;
-            }
-            r.vmm = None;
-            r.supervisor = None;
-            if r.starter != me {
-                r.starter = None;
-            }
-            r.stopped_at = Some(now());
-            clean = true;
-        }
-    });
-    if clean {
-        remove_socket(&s.vsock_uds);
-        remove_socket(&s.port_socket(READY_PORT));
-        remove_socket(&s.port_socket(NOTIFY_PORT));
-    }
+    vmm_process::stop_processes(reg, s);
 }
 
 /// What `stop` did.
@@ -853,7 +651,7 @@ pub struct Stopped {
 /// `stop [name] [--sync]`.
 pub fn stop(paths: &AgentPaths, name: Option<&str>, sync: bool) -> Result<Stopped, AgentError> {
     let reg = paths.registry();
-    let s = find(&reg, name)?;
+    let s = reg.find(name)?;
     let status = s.observed_status();
     let running = matches!(status, Status::Running | Status::Starting);
     if !running && !s.any_process_alive() {
@@ -867,11 +665,11 @@ pub fn stop(paths: &AgentPaths, name: Option<&str>, sync: bool) -> Result<Stoppe
         });
     }
     let sync_warning = if sync && status == Status::Running {
-        hooks::sync_before_stop(&s).err().map(|e| e.to_string())
+        session::sync_before_stop(&s).err().map(|e| e.to_string())
     } else {
         None
     };
-    stop_processes(&reg, &s);
+    stop_sandbox(&reg, &s);
     Ok(Stopped {
         name: s.name,
         was_running: true,
@@ -880,7 +678,7 @@ pub fn stop(paths: &AgentPaths, name: Option<&str>, sync: bool) -> Result<Stoppe
 }
 
 /// `destroy <name> [--force]`. Without `force`: refuses if the guest holds
-/// unsynced commits ([`hooks::unsynced_commits`]), then asks `confirm`
+/// unsynced commits ([`session::unsynced_commits`]), then asks `confirm`
 /// (which returns `None` where it cannot ask, e.g. no terminal: refused).
 pub fn destroy(
     paths: &AgentPaths,
@@ -890,9 +688,9 @@ pub fn destroy(
 ) -> Result<(), AgentError> {
     validate_name(name)?;
     let reg = paths.registry();
-    let s = find(&reg, Some(name))?;
+    let s = reg.find(Some(name))?;
     if !force {
-        if let Some(n) = hooks::unsynced_commits(&s).filter(|&n| n > 0) {
+        if let Some(n) = session::unsynced_commits(&s).filter(|&n| n > 0) {
             return Err(AgentError::Refused(format!(
                 "sandbox {name} holds {n} commit{} not synced to the host: run `keystone agent sync {name}` first, or destroy --force",
                 if n == 1 { "" } else { "s" }
@@ -909,7 +707,7 @@ pub fn destroy(
         }
     }
     if s.any_process_alive() {
-        stop_processes(&reg, &s);
+        stop_sandbox(&reg, &s);
     }
     // Only ever remove the directory this sandbox name owns.
     let expected = paths.sandbox_dir(name);
@@ -930,9 +728,7 @@ pub fn destroy(
             )))
         }
     }
-    remove_socket(&s.vsock_uds);
-    remove_socket(&s.port_socket(READY_PORT));
-    remove_socket(&s.port_socket(NOTIFY_PORT));
+    s.remove_sockets();
     reg.update(|list| {
         list.retain(|r| r.name != name);
         Ok::<_, AgentError>(())
@@ -974,13 +770,5 @@ mod tests {
             assert_eq!(e.exit_code(), super::super::exit::USAGE, "{c:?} {t:?}");
             assert!(!e.to_string().contains('\n'));
         }
-    }
-
-    #[test]
-    fn terminal_output_is_sanitized() {
-        assert_eq!(
-            sanitize_for_terminal("ok\x1b[31mred\x07\tx"),
-            "ok?[31mred?\tx"
-        );
     }
 }

@@ -1,21 +1,32 @@
 //! `keystone agent`: sandboxes for coding agents, one microVM per project.
 //!
-//! - [`state`]: the registry (`sandboxes.json`) and each sandbox's files;
-//! - [`disk`]: the persistent disk holding the project's git clone;
-//! - [`lifecycle`]: `start`, `stop`, `status`, `list`, `destroy`;
-//! - [`supervisor`]: the per-sandbox process that runs `keystone-vmm`;
-//! - [`hooks`]: the seams where the SSH/git side plugs in;
-//! - [`cli`]: the clap definitions and the printing.
+//! In layers, each module importing only those below it:
+//!
+//! 1. [`disk`] (the persistent disk and the host-side git it needs) and
+//!    [`state`] (the registry `sandboxes.json`, each sandbox's files, the
+//!    lookups);
+//! 2. the VMM process: [`vmm_process`] (the keystone-vmm argv and the one
+//!    place the guest command line is built, spawning the supervisor,
+//!    stopping processes, boot logs) and [`supervisor`] (the per-sandbox
+//!    process that runs keystone-vmm);
+//! 3. the guest session: [`ssh`] (SSH over vsock), [`sync`] (git over it)
+//!    and [`session`] (a sandbox's target and key, poweroff, sync runs, the
+//!    automatic sync modes);
+//! 4. the verbs: [`lifecycle`] (`start`, `stop`, `status`, `list`,
+//!    `destroy`) and [`remote`] (`attach`/`ssh`, `exec`, `sync`, `proxy`,
+//!    `ssh-config`);
+//! 5. [`cli`]: the clap definitions and the printing.
 
 pub mod cli;
 pub mod disk;
-pub mod hooks;
 pub mod lifecycle;
 pub mod remote;
+pub mod session;
 pub mod ssh;
 pub mod state;
 pub mod supervisor;
 pub mod sync;
+pub mod vmm_process;
 
 use std::path::PathBuf;
 
@@ -97,7 +108,7 @@ pub enum AgentError {
         /// The sandbox.
         name: String,
         /// Why.
-        source: hooks::HookError,
+        source: ssh::SshError,
     },
     /// The registry or a state file.
     #[error(transparent)]
@@ -125,6 +136,17 @@ impl AgentError {
             | AgentError::Attach { .. }
             | AgentError::State(_)
             | AgentError::Internal(_) => exit::FAILURE,
+        }
+    }
+}
+
+impl From<state::LookupError> for AgentError {
+    fn from(e: state::LookupError) -> Self {
+        match e {
+            state::LookupError::BadName(b) => AgentError::BadName(b),
+            state::LookupError::NotFound(n) => AgentError::NotFound(n),
+            state::LookupError::NoProjectSandbox(m) => AgentError::NoProjectSandbox(m),
+            state::LookupError::State(s) => AgentError::State(s),
         }
     }
 }

@@ -229,14 +229,10 @@ fn usable_without_prompt(private: &Path) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The kernel command-line parameter that hands the public key to the guest.
+/// The kernel command-line parameter that hands the public key to the guest
+/// (built by [`super::vmm_process::guest_cmdline`]).
 pub fn authorized_key_param(key: &UserKey) -> String {
-    use base64::Engine as _;
-    format!(
-        "{}={}",
-        crate::image::AUTHORIZED_KEY_PARAM,
-        base64::engine::general_purpose::STANDARD.encode(key.public.as_bytes())
-    )
+    super::vmm_process::authorized_key_param(&key.public)
 }
 
 /// Parse `state/host_keys` (`<type> <base64>` lines from the readiness

@@ -29,6 +29,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::disk;
+
 /// Format of `sandboxes.json` written by this CLI.
 pub const REGISTRY_FORMAT: u32 = 1;
 /// Lowest vsock CID given to a sandbox (0-2 are reserved).
@@ -37,8 +39,6 @@ pub const FIRST_CID: u32 = 3;
 pub const SUN_PATH_MAX: usize = 107;
 /// Longest suffix the VMM appends to the vsock socket path (`_<port>`).
 pub const PORT_SUFFIX_MAX: usize = "_65535".len();
-/// The persistent disk's size (a sparse file).
-pub const DISK_SIZE: &str = "16G";
 
 /// Errors of the registry and of the sandbox files.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,23 @@ pub enum StateError {
     /// No Unix socket path short enough, or the runtime directory is unsafe.
     #[error("vsock socket: {0}")]
     Socket(String),
+}
+
+/// Errors of looking a sandbox up ([`Registry::find`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// An invalid sandbox name.
+    #[error(transparent)]
+    BadName(#[from] BadName),
+    /// No such sandbox.
+    #[error("no sandbox named {0}")]
+    NotFound(String),
+    /// No sandbox belongs to the current project (or there is no project).
+    #[error("{0}")]
+    NoProjectSandbox(String),
+    /// The registry.
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
@@ -505,6 +522,18 @@ impl Sandbox {
         }
     }
 
+    /// The sandbox as it is now: the observed status, and the pids of
+    /// processes that are gone cleared.
+    pub fn observed(&self) -> Sandbox {
+        let mut v = self.clone();
+        v.status = self.observed_status();
+        let keep = |p: Option<ProcessId>| p.filter(ProcessId::is_alive);
+        v.vmm = keep(v.vmm);
+        v.supervisor = keep(v.supervisor);
+        v.starter = keep(v.starter);
+        v
+    }
+
     /// Whether a VMM, supervisor or starter of it is still alive.
     pub fn any_process_alive(&self) -> bool {
         [self.vmm, self.supervisor, self.starter]
@@ -544,6 +573,14 @@ impl Sandbox {
         let mut s = self.vsock_uds.clone().into_os_string();
         s.push(format!("_{port}"));
         PathBuf::from(s)
+    }
+
+    /// Removes its vsock socket and the host-side port sockets (readiness,
+    /// commit notifications), if they are sockets.
+    pub fn remove_sockets(&self) {
+        remove_socket(&self.vsock_uds);
+        remove_socket(&self.port_socket(crate::image::READY_PORT));
+        remove_socket(&self.port_socket(crate::image::NOTIFY_PORT));
     }
 }
 
@@ -736,6 +773,53 @@ impl Registry {
             write_atomic(&self.paths.registry_file(), &json)?;
         }
         Ok(out)
+    }
+
+    /// The sandbox `name`, or (no name) the one whose project is the
+    /// current directory's git top level.
+    pub fn find(&self, name: Option<&str>) -> Result<Sandbox, LookupError> {
+        let list = self.load()?;
+        if let Some(name) = name {
+            validate_name(name)?;
+            return list
+                .into_iter()
+                .find(|s| s.name == name)
+                .ok_or_else(|| LookupError::NotFound(name.to_string()));
+        }
+        let here = std::env::current_dir().map_err(|e| StateError::Io {
+            path: PathBuf::from("."),
+            source: e,
+        })?;
+        let project = disk::git_toplevel(&here).map_err(|_| {
+            LookupError::NoProjectSandbox(format!(
+                "{} is not inside a git repository: name the sandbox",
+                here.display()
+            ))
+        })?;
+        let mut mine: Vec<Sandbox> = list
+            .into_iter()
+            .filter(|s| s.project_path == project)
+            .collect();
+        match mine.len() {
+            0 => Err(LookupError::NoProjectSandbox(format!(
+                "no sandbox for {}: name one (`keystone agent list`)",
+                project.display()
+            ))),
+            1 => Ok(mine.remove(0)),
+            _ => {
+                let names: Vec<&str> = mine.iter().map(|s| s.name.as_str()).collect();
+                Err(LookupError::NoProjectSandbox(format!(
+                    "several sandboxes for {}: {}; name one",
+                    project.display(),
+                    names.join(", ")
+                )))
+            }
+        }
+    }
+
+    /// Every sandbox as it is now ([`Sandbox::observed`]), by name.
+    pub fn observed(&self) -> Result<Vec<Sandbox>, StateError> {
+        Ok(self.load()?.iter().map(Sandbox::observed).collect())
     }
 
     /// Changes sandbox `name` with `f` if it is registered; returns whether

@@ -39,9 +39,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::hooks;
 use super::state::{
-    format_time, now, remove_socket, write_atomic, AgentPaths, ProcessId, Sandbox, Status, SyncMode,
+    format_time, now, write_atomic, AgentPaths, ProcessId, Sandbox, Status, SyncMode,
 };
 use super::AgentError;
 use crate::image::{NOTIFY_PORT, READY_PORT};
@@ -56,6 +55,18 @@ pub const MAX_HOST_KEYS: usize = 16;
 pub const READY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the VMM has to exit after SIGTERM before it gets SIGKILL.
 pub const VMM_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What the supervisor calls back into the guest session above it (see
+/// `session::supervisor_hooks`): it knows when, not how.
+#[derive(Clone, Copy)]
+pub struct GuestHooks {
+    /// A guest commit notification arrived (sync modes `auto-commit` and
+    /// `auto-idle`), one call at a time.
+    pub on_commit: fn(&Sandbox),
+    /// The `auto-idle` loop, started once the guest is ready; returns once
+    /// the flag is set.
+    pub idle_watch: fn(Sandbox, &AtomicBool),
+}
 
 /// Set by the signal handler: stop the VMM and exit.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -286,7 +297,7 @@ impl Read for DeadlineReader<'_> {
     }
 }
 
-fn notify_listener(listener: UnixListener, sandbox: Sandbox) {
+fn notify_listener(listener: UnixListener, sandbox: Sandbox, hooks: GuestHooks) {
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(s) => s,
@@ -305,7 +316,7 @@ fn notify_listener(listener: UnixListener, sandbox: Sandbox) {
         .read(&mut sink);
         drop(stream);
         match sandbox.sync_mode {
-            SyncMode::AutoCommit | SyncMode::AutoIdle => hooks::on_guest_commit(&sandbox),
+            SyncMode::AutoCommit | SyncMode::AutoIdle => (hooks.on_commit)(&sandbox),
             SyncMode::Manual => log("guest commit notification (sync mode manual: ignored)"),
         }
     }
@@ -323,12 +334,6 @@ fn install_signal_handlers() {
             libc::sigaction(sig, &action, std::ptr::null_mut());
         }
     }
-}
-
-fn remove_sockets(sandbox: &Sandbox) {
-    remove_socket(&sandbox.vsock_uds);
-    remove_socket(&sandbox.port_socket(READY_PORT));
-    remove_socket(&sandbox.port_socket(NOTIFY_PORT));
 }
 
 /// SIGTERM to the VMM, SIGKILL after [`VMM_STOP_GRACE`]; reaps it.
@@ -355,7 +360,7 @@ fn stop_vmm(child: &mut Child) -> Option<ExitStatus> {
 
 /// Runs the supervisor of sandbox `name` (registered under `paths`) until
 /// its VMM exits. See the module docs.
-pub fn supervise(paths: &AgentPaths, name: &str) -> Result<(), AgentError> {
+pub fn supervise(paths: &AgentPaths, name: &str, hooks: GuestHooks) -> Result<(), AgentError> {
     install_signal_handlers();
     let me = ProcessId::current().ok_or_else(|| AgentError::Internal("no /proc/self".into()))?;
     let reg = paths.registry();
@@ -378,11 +383,11 @@ pub fn supervise(paths: &AgentPaths, name: &str) -> Result<(), AgentError> {
                 s.vmm = None;
             }
         });
-        remove_sockets(&sandbox);
+        sandbox.remove_sockets();
         AgentError::Internal(reason)
     };
 
-    remove_sockets(&sandbox);
+    sandbox.remove_sockets();
     let bind = |port: u32| {
         let path = sandbox.port_socket(port);
         UnixListener::bind(&path).map_err(|e| format!("bind {}: {e}", path.display()))
@@ -405,7 +410,7 @@ pub fn supervise(paths: &AgentPaths, name: &str) -> Result<(), AgentError> {
     let ready_tx = tx.clone();
     std::thread::spawn(move || ready_listener(ready, host_keys, ready_tx));
     let notify_sandbox = sandbox.clone();
-    std::thread::spawn(move || notify_listener(notify, notify_sandbox));
+    std::thread::spawn(move || notify_listener(notify, notify_sandbox, hooks));
     drop(tx);
 
     let mut cmd = Command::new(&launch.vmm);
@@ -457,7 +462,7 @@ pub fn supervise(paths: &AgentPaths, name: &str) -> Result<(), AgentError> {
                 ready_seen = true;
                 if sandbox.sync_mode == SyncMode::AutoIdle {
                     let watched = sandbox.clone();
-                    std::thread::spawn(move || super::remote::idle_watch(watched, &STOP));
+                    std::thread::spawn(move || (hooks.idle_watch)(watched, &STOP));
                 }
                 let marked = reg.modify(name, |s| {
                     if s.supervisor == Some(me) {
@@ -509,7 +514,7 @@ pub fn supervise(paths: &AgentPaths, name: &str) -> Result<(), AgentError> {
             (Status::Failed, Some(reason))
         }
     };
-    remove_sockets(&sandbox);
+    sandbox.remove_sockets();
     let recorded = reg.modify(name, |s| {
         if s.supervisor == Some(me) {
             s.status = status;

@@ -35,7 +35,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
@@ -45,14 +44,13 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::activation::Activation;
 use super::{
-    ActivateContext, ActivateError, Interrupt, LogOnce, VirtioDevice, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, LogOnce, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
 /// Size of a sector, the unit of `sector` in requests and of `capacity`; a
@@ -717,21 +715,10 @@ fn fallocate(file: &File, mode: libc::c_int, r: &Range) -> io::Result<()> {
     }
 }
 
-/// What the device holds between activate and reset.
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queue: Queue,
-}
-
 /// A virtio-blk device backed by a raw image file.
 pub struct Block {
     disk: Disk,
-    queue_evts: [EventFd; 1],
-    queue_sizes: [u16; 1],
-    activate_evt: EventFd,
-    active: Option<Active>,
-    queue_evt_registered: bool,
+    activation: Activation<1>,
     broken: bool,
     queue_error: LogOnce,
 }
@@ -768,11 +755,7 @@ impl Block {
                 guest_errors: std::array::from_fn(|_| LogOnce::new()),
                 host_error: LogOnce::new(),
             },
-            queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
-            queue_sizes: [QUEUE_SIZE],
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
-            active: None,
-            queue_evt_registered: false,
+            activation: Activation::new(QUEUE_SIZE).map_err(BlockError::EventFd)?,
             broken: false,
             queue_error: LogOnce::new(),
         })
@@ -796,7 +779,7 @@ impl Block {
     /// The eventfd the device writes on activation (watched by its event
     /// handler).
     pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
+        self.activation.activate_evt()
     }
 
     fn config_bytes(&self) -> [u8; CONFIG_LEN] {
@@ -829,7 +812,7 @@ impl Block {
         if self.broken {
             return false;
         }
-        let Some(active) = self.active.as_mut() else {
+        let Some((active, queue_evts)) = self.activation.active_with_events() else {
             return false;
         };
         let mut used_any = false;
@@ -838,7 +821,7 @@ impl Block {
         let mut chains_left = MAX_CHAINS_PER_EVENT;
         let mut bytes_left = MAX_BYTES_PER_EVENT;
         loop {
-            if let Err(e) = active.queue.disable_notification(&active.mem) {
+            if let Err(e) = active.queues[0].disable_notification(&active.mem) {
                 self.queue_error
                     .warn(format_args!("virtio-blk: queue unusable: {e}"));
                 failed = true;
@@ -846,13 +829,13 @@ impl Block {
             }
             let mut popped = false;
             while chains_left > 0 && bytes_left > 0 {
-                let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
+                let Some(chain) = active.queues[0].pop_descriptor_chain(&active.mem) else {
                     break;
                 };
                 popped = true;
                 chains_left -= 1;
                 let head = chain.head_index();
-                if head >= active.queue.size() {
+                if head >= active.queues[0].size() {
                     // Nothing in the chain can be read and the head cannot go
                     // back in the used ring: drop it.
                     self.disk.log_guest(GuestError::BadHead);
@@ -860,7 +843,7 @@ impl Block {
                 }
                 let (len, bytes) = self.disk.handle_chain(&active.mem, chain);
                 bytes_left = bytes_left.saturating_sub(bytes);
-                if let Err(e) = active.queue.add_used(&active.mem, head, len) {
+                if let Err(e) = active.queues[0].add_used(&active.mem, head, len) {
                     self.queue_error
                         .warn(format_args!("virtio-blk: cannot return a request: {e}"));
                     failed = true;
@@ -874,25 +857,24 @@ impl Block {
             if chains_left == 0 || bytes_left == 0 {
                 // Yield. The write fails only when the counter is about to
                 // overflow, that is when the eventfd is readable anyway.
-                if let Err(e) = self.queue_evts[0].write(1) {
+                if let Err(e) = queue_evts[0].write(1) {
                     self.queue_error
                         .warn(format_args!("virtio-blk: cannot re-arm the queue: {e}"));
                 }
                 break;
             }
-            match active.queue.enable_notification(&active.mem) {
+            match active.queues[0].enable_notification(&active.mem) {
                 Ok(true) if popped => idle_rounds = 0,
                 // More is available yet nothing was popped: either the driver
                 // added requests in between (go round again), or the avail
                 // ring is corrupt (an index further ahead than the queue is
                 // long), which only a reset cures.
                 Ok(true) => {
-                    let ahead = active
-                        .queue
+                    let ahead = active.queues[0]
                         .avail_idx(&active.mem, Ordering::Acquire)
-                        .map(|idx| (idx - Wrapping(active.queue.next_avail())).0);
+                        .map(|idx| (idx - Wrapping(active.queues[0].next_avail())).0);
                     idle_rounds += 1;
-                    if !matches!(ahead, Ok(n) if n <= active.queue.size())
+                    if !matches!(ahead, Ok(n) if n <= active.queues[0].size())
                         || idle_rounds > MAX_IDLE_ROUNDS
                     {
                         self.queue_error
@@ -913,7 +895,10 @@ impl Block {
         if failed {
             self.broken = true;
         }
-        let notify = used_any && active.queue.needs_notification(&active.mem).unwrap_or(true);
+        let notify = used_any
+            && active.queues[0]
+                .needs_notification(&active.mem)
+                .unwrap_or(true);
         if notify || failed {
             active.interrupt.signal_used_queue();
         }
@@ -956,11 +941,11 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        self.activation.queue_sizes()
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.activation.queue_events()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -972,30 +957,17 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let Ok::<[Queue; 1], _>([queue]) = ctx.queues.try_into() else {
-            return Err(ActivateError::BadQueues { expected: 1, got });
-        };
-        self.active = Some(Active {
-            mem: ctx.mem,
-            interrupt: ctx.interrupt,
-            queue,
-        });
         self.broken = false;
-        if let Err(e) = self.activate_evt.write(1) {
-            self.active = None;
-            return Err(ActivateError::EventFd(e));
-        }
-        Ok(())
+        self.activation.activate(ctx)
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.activation.reset();
         self.broken = false;
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_activated()
     }
 
     fn needs_reset(&self) -> bool {
@@ -1005,28 +977,16 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            tracing::error!("virtio-blk: cannot watch the activate eventfd: {e}");
-        }
+        self.activation.init(ops, "virtio-blk");
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            // A spurious wakeup leaves the counter at 0 (EAGAIN): harmless.
-            let _ = self.activate_evt.read();
-            if self.active.is_some() && !self.queue_evt_registered {
-                match ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
-                    Ok(()) => self.queue_evt_registered = true,
-                    Err(e) => {
-                        tracing::error!("virtio-blk: cannot watch the queue eventfd: {e}")
-                    }
-                }
-            }
+        if self.activation.on_activate_event(fd, ops, "virtio-blk") {
             // The driver may have kicked before the eventfd was watched.
             self.process_queue();
-        } else if fd == self.queue_evts[0].as_raw_fd() {
-            let _ = self.queue_evts[0].read();
+        } else if self.activation.queue_of(fd) == Some(0) {
+            let _ = self.activation.queue_evt(0).read();
             self.process_queue();
         } else {
             tracing::warn!("virtio-blk: event on unexpected fd {fd}");
@@ -1037,6 +997,12 @@ impl MutEventSubscriber for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use virtio_queue::Queue;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use crate::virtio::Interrupt;
     use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
 
@@ -1445,7 +1411,7 @@ mod tests {
         .unwrap();
         let total = 2 * MAX_CHAINS_PER_EVENT as u16 + 44;
         publish_heads(&mem, &h.vq, 1024, total - 1);
-        let evt = &h.blk.queue_evts[0];
+        let evt = &h.blk.activation.queue_evt(0);
         assert!(evt.read().is_err(), "not armed yet");
 
         for round in 1..=2u16 {
@@ -1453,11 +1419,14 @@ mod tests {
             assert!(h.blk.process_queue());
             assert_eq!(h.used_idx(), round * MAX_CHAINS_PER_EVENT as u16);
             assert_eq!(h.status(), OK);
-            assert_eq!(h.blk.queue_evts[0].read().unwrap(), 1, "re-armed");
+            assert_eq!(h.blk.activation.queue_evt(0).read().unwrap(), 1, "re-armed");
         }
         assert!(h.blk.process_queue());
         assert_eq!(h.used_idx(), total);
-        assert!(h.blk.queue_evts[0].read().is_err(), "done: not re-armed");
+        assert!(
+            h.blk.activation.queue_evt(0).read().is_err(),
+            "done: not re-armed"
+        );
         assert!(!h.blk.process_queue());
         assert!(!h.blk.needs_reset());
         // Notifications are back on: the queue works as before.
@@ -1495,10 +1464,10 @@ mod tests {
         let per_wakeup = (MAX_BYTES_PER_EVENT).div_ceil(u64::from(mb) + 17) as u16;
         assert!(h.blk.process_queue());
         assert_eq!(h.used_idx(), per_wakeup);
-        assert_eq!(h.blk.queue_evts[0].read().unwrap(), 1, "re-armed");
+        assert_eq!(h.blk.activation.queue_evt(0).read().unwrap(), 1, "re-armed");
         assert!(h.blk.process_queue());
         assert_eq!(h.used_idx(), 100);
-        assert!(h.blk.queue_evts[0].read().is_err());
+        assert!(h.blk.activation.queue_evt(0).read().is_err());
         assert_eq!(h.status(), OK);
     }
 
@@ -1841,7 +1810,7 @@ mod tests {
             .unwrap();
         assert!(!h.blk.process_queue());
         assert!(h.blk.needs_reset());
-        let status = h.blk.active.as_ref().unwrap().interrupt.status();
+        let status = h.blk.activation.active().unwrap().interrupt.status();
         assert_eq!(
             status,
             super::super::VIRTIO_MMIO_INT_VRING | super::super::VIRTIO_MMIO_INT_CONFIG
@@ -1987,7 +1956,12 @@ mod tests {
         em.add_subscriber(blk.clone());
 
         // A kick before activation is drained without effect.
-        blk.lock().unwrap().queue_evts[0].write(1).unwrap();
+        blk.lock()
+            .unwrap()
+            .activation
+            .queue_evt(0)
+            .write(1)
+            .unwrap();
 
         let queue = vq.create_queue::<Queue>().unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -2019,7 +1993,12 @@ mod tests {
             0,
         )
         .unwrap();
-        blk.lock().unwrap().queue_evts[0].write(1).unwrap();
+        blk.lock()
+            .unwrap()
+            .activation
+            .queue_evt(0)
+            .write(1)
+            .unwrap();
         for _ in 0..10 {
             if vq.used().idx().load() == 1 {
                 break;

@@ -29,6 +29,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod activation;
 pub mod block;
 pub mod mmio;
 pub mod net;
@@ -181,28 +182,6 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     };
     let n = data.len().min(config.len() - start);
     data[..n].copy_from_slice(&config[start..start + n]);
-}
-
-/// Add a device's queue eventfds to the event loop once (a device that is
-/// reset and activated again keeps them registered).
-pub fn watch_queue_events(
-    ops: &mut event_manager::EventOps,
-    evts: &[EventFd],
-    watched: &mut bool,
-    device: &str,
-) {
-    if *watched {
-        return;
-    }
-    for evt in evts {
-        if let Err(e) = ops.add(event_manager::Events::new(
-            evt,
-            vmm_sys_util::epoll::EventSet::IN,
-        )) {
-            tracing::error!("{device}: cannot watch a queue eventfd: {e}");
-        }
-    }
-    *watched = true;
 }
 
 /// Logs a message the first time only (guest-triggered errors must not

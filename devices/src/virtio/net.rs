@@ -44,17 +44,15 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::RawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{
-    ActivateContext, ActivateError, Interrupt, LogOnce, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
-};
+use super::activation::{Activation, Active};
+use super::{ActivateContext, ActivateError, LogOnce, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
 
 /// Receive queue index.
 pub const RXQ: usize = 0;
@@ -339,13 +337,6 @@ struct Desc {
     writable: bool,
 }
 
-/// What the driver handed over at activation.
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-}
-
 /// The backend and how it is watched.
 struct Link {
     /// `None` once the backend closed or failed.
@@ -407,11 +398,7 @@ pub struct Net {
     tx: Tx,
     rx: Rx,
     counters: NetCounters,
-    queue_evts: [EventFd; NUM_QUEUES],
-    queue_sizes: [u16; NUM_QUEUES],
-    activate_evt: EventFd,
-    queue_evts_watched: bool,
-    active: Option<Active>,
+    activation: Activation<NUM_QUEUES>,
     descs: Vec<Desc>,
     /// Chains per queue per wake-up ([`MAX_CHAINS_PER_EVENT`]; tests lower
     /// it).
@@ -427,7 +414,6 @@ impl Net {
     /// non-blocking here).
     pub fn new(mac: [u8; 6], backend: NetBackend) -> Result<Net, NetError> {
         backend.set_nonblocking().map_err(NetError::Backend)?;
-        let evt = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
         Ok(Net {
             mac,
             link: Link {
@@ -453,11 +439,7 @@ impl Net {
                 has_buffers: false,
             },
             counters: NetCounters::default(),
-            queue_evts: [evt()?, evt()?],
-            queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
-            activate_evt: evt()?,
-            queue_evts_watched: false,
-            active: None,
+            activation: Activation::new(QUEUE_SIZE).map_err(NetError::EventFd)?,
             descs: Vec::with_capacity(MAX_CHAIN_DESCS + 1),
             batch: MAX_CHAINS_PER_EVENT,
             guest_errors: std::array::from_fn(|_| LogOnce::new()),
@@ -486,7 +468,7 @@ impl Net {
     /// The eventfd the device writes on activation and reset (watched by
     /// its event handler).
     pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
+        self.activation.activate_evt()
     }
 
     fn log_guest(&self, e: GuestError) {
@@ -615,7 +597,7 @@ impl Net {
         if !self.flush_tx() {
             return;
         }
-        let Some(mut active) = self.active.take() else {
+        let Some(mut active) = self.activation.take() else {
             return;
         };
         let mem = active.mem.clone();
@@ -680,11 +662,11 @@ impl Net {
         if used && q.needs_notification(&mem).unwrap_or(true) {
             active.interrupt.signal_used_queue();
         }
-        self.active = Some(active);
+        self.activation.restore(active);
     }
 
     fn rearm(&self, queue: usize) {
-        if let Err(e) = self.queue_evts[queue].write(1) {
+        if let Err(e) = self.activation.queue_evt(queue).write(1) {
             self.queue_error.warn(format_args!(
                 "virtio-net: cannot re-arm a queue eventfd: {e}"
             ));
@@ -761,7 +743,7 @@ impl Net {
 
     /// Whether the RX ring has a chain for the device (a corrupt ring reads
     /// as empty).
-    fn rx_ring_ready(&self, active: &Active) -> bool {
+    fn rx_ring_ready(&self, active: &Active<NUM_QUEUES>) -> bool {
         let q = &active.queues[RXQ];
         match q.avail_idx(&active.mem, Ordering::Acquire) {
             Ok(idx) => {
@@ -826,7 +808,7 @@ impl Net {
     /// Moves frames from the backend into the guest's RX buffers: reads
     /// only while a buffer is posted, at most `batch` frames.
     fn process_rx(&mut self) {
-        let Some(mut active) = self.active.take() else {
+        let Some(mut active) = self.activation.take() else {
             return;
         };
         let mem = active.mem.clone();
@@ -896,7 +878,7 @@ impl Net {
         if used && q.needs_notification(&mem).unwrap_or(true) {
             active.interrupt.signal_used_queue();
         }
-        self.active = Some(active);
+        self.activation.restore(active);
     }
 
     /// The epoll interest the backend fd needs now.
@@ -905,7 +887,7 @@ impl Net {
         if self.link.backend.is_none() {
             return set;
         }
-        if self.active.is_some() && self.rx.has_buffers && !self.rx.ready {
+        if self.activation.is_activated() && self.rx.has_buffers && !self.rx.ready {
             set |= EventSet::IN;
         }
         if self.tx.pending.is_some() {
@@ -953,29 +935,15 @@ impl Net {
         }
     }
 
-    fn watch_queues(&mut self, ops: &mut EventOps) {
-        super::watch_queue_events(
-            ops,
-            &self.queue_evts,
-            &mut self.queue_evts_watched,
-            "virtio-net",
-        );
-    }
-
     /// Handles one event on `fd` (the body of `process`, epoll aside).
     fn handle_event(&mut self, fd: RawFd, set: EventSet) {
-        if fd == self.activate_evt.as_raw_fd() {
-            // A spurious wakeup leaves the counter at 0 (EAGAIN): harmless.
-            let _ = self.activate_evt.read();
-            // The driver may have queued buffers before we watched.
-            self.process_tx();
-            self.process_rx();
-        } else if fd == self.queue_evts[TXQ].as_raw_fd() {
-            let _ = self.queue_evts[TXQ].read();
-            self.process_tx();
-        } else if fd == self.queue_evts[RXQ].as_raw_fd() {
-            let _ = self.queue_evts[RXQ].read();
-            self.process_rx();
+        if let Some(q) = self.activation.queue_of(fd) {
+            let _ = self.activation.queue_evt(q).read();
+            if q == TXQ {
+                self.process_tx();
+            } else {
+                self.process_rx();
+            }
         } else if self.link.backend.as_ref().is_some_and(|b| b.fd() == fd) {
             let hup = EventSet::HANG_UP | EventSet::ERROR;
             if set.intersects(EventSet::OUT | hup) && self.tx.pending.is_some() {
@@ -1008,11 +976,11 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        self.activation.queue_sizes()
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.activation.queue_events()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -1024,55 +992,39 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != NUM_QUEUES {
-            return Err(ActivateError::BadQueues {
-                expected: NUM_QUEUES,
-                got: ctx.queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem: ctx.mem,
-            interrupt: ctx.interrupt,
-            queues: ctx.queues,
-        });
         self.rx.has_buffers = false;
-        if let Err(e) = self.activate_evt.write(1) {
-            self.active = None;
-            return Err(ActivateError::EventFd(e));
-        }
-        Ok(())
+        self.activation.activate(ctx)
     }
 
     fn reset(&mut self) {
         // The backend and its framing state stay: a stream must not lose
         // its place in the middle of a frame.
-        self.active = None;
+        self.activation.reset();
         self.rx.has_buffers = false;
         // Wake the event loop so it stops reading the backend.
-        let _ = self.activate_evt.write(1);
+        let _ = self.activation.activate_evt().write(1);
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_activated()
     }
 }
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            tracing::error!("virtio-net: cannot watch the activate eventfd: {e}");
-        }
-        if self.active.is_some() {
-            self.watch_queues(ops);
-        }
+        self.activation.init(ops, "virtio-net");
         self.sync(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.activate_evt.as_raw_fd() && self.active.is_some() {
-            self.watch_queues(ops);
+        let fd = events.fd();
+        if self.activation.on_activate_event(fd, ops, "virtio-net") {
+            // The driver may have queued buffers before we watched.
+            self.process_tx();
+            self.process_rx();
+        } else {
+            self.handle_event(fd, events.event_set());
         }
-        self.handle_event(events.fd(), events.event_set());
         self.sync(ops);
     }
 }
@@ -1080,6 +1032,11 @@ impl MutEventSubscriber for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use crate::virtio::Interrupt;
     use std::os::unix::net::UnixStream;
     use std::sync::Mutex;
     use std::time::Duration;
@@ -1396,7 +1353,7 @@ mod tests {
         // Still nothing until the guest kicks (the event handler runs).
         assert_eq!(h.unread(), 204);
         h.net
-            .handle_event(h.net.queue_evts[RXQ].as_raw_fd(), EventSet::IN);
+            .handle_event(h.net.activation.queue_evt(RXQ).as_raw_fd(), EventSet::IN);
         assert_eq!(h.rxq.pop_used(&h.mem).map(|u| u.1), Some(212));
         assert_eq!(h.read_guest(buf.unchecked_add(12), 200), f);
         assert_eq!(h.unread(), 0);
@@ -1574,7 +1531,7 @@ mod tests {
         for i in 0..10 {
             h.queue_tx(&[0; 12], &frame(64, i), 4096);
         }
-        let txq_evt = h.net.queue_evts[TXQ].try_clone().unwrap();
+        let txq_evt = h.net.activation.queue_evt(TXQ).try_clone().unwrap();
         h.net.process_tx();
         assert_eq!(h.txq.used_count(&h.mem), 4);
         assert_eq!(txq_evt.read().unwrap(), 1, "re-armed");
@@ -1622,7 +1579,7 @@ mod tests {
         assert!(h.net.interest().contains(EventSet::OUT));
         // More kicks change nothing while the backend is full.
         h.net
-            .handle_event(h.net.queue_evts[TXQ].as_raw_fd(), EventSet::IN);
+            .handle_event(h.net.activation.queue_evt(TXQ).as_raw_fd(), EventSet::IN);
         assert_eq!(h.txq.used_count(&h.mem) as usize, done);
 
         let mut peer = h.peer.try_clone().unwrap();
@@ -1685,7 +1642,14 @@ mod tests {
             .as_ref()
             .unwrap()
             .as_raw_fd();
-        let kick = |q: usize| net.lock().unwrap().queue_evts[q].write(1).unwrap();
+        let kick = |q: usize| {
+            net.lock()
+                .unwrap()
+                .activation
+                .queue_evt(q)
+                .write(1)
+                .unwrap()
+        };
 
         // A frame from passt with no RX buffer: not read, no busy loop.
         let f = frame(300, 5);

@@ -39,15 +39,15 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 pub use connection::{CONN_BUF_ALLOC, MAX_PKT_DATA, REQUEST_TIMEOUT, SHUTDOWN_TIMEOUT};
 pub use muxer::{CONNECT_LINE_MAX, LOCAL_PORT_BASE, MAX_CONNECTIONS};
 
+use super::activation::Activation;
 use super::{
-    ActivateContext, ActivateError, Interrupt, LogOnce, VirtioDevice, TYPE_VSOCK,
-    VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, LogOnce, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 use muxer::Muxer;
 use packet::Header;
@@ -95,24 +95,14 @@ pub enum VsockError {
     EventFd(io::Error),
 }
 
-/// What the driver handed over at activation.
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: std::sync::Arc<Interrupt>,
-    queues: Vec<Queue>,
-}
-
 /// The virtio-vsock device.
 pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     muxer: Muxer,
-    queue_evts: [EventFd; NUM_QUEUES],
-    activate_evt: EventFd,
+    activation: Activation<NUM_QUEUES>,
     timer: TimerFd,
     timer_armed: bool,
-    queue_evts_watched: bool,
-    active: Option<Active>,
     /// TX processing paused until RX drains the reset queue.
     tx_stalled: bool,
     /// Chains taken per queue per event ([`MAX_CHAINS_PER_EVENT`]; tests
@@ -139,17 +129,13 @@ impl Vsock {
                 path: uds_path.to_path_buf(),
                 source,
             })?;
-        let evt = || EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd);
         Ok(Vsock {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
             muxer: Muxer::new(guest_cid, uds_path, listener),
-            queue_evts: [evt()?, evt()?, evt()?],
-            activate_evt: evt()?,
+            activation: Activation::new(QUEUE_SIZE).map_err(VsockError::EventFd)?,
             timer: TimerFd::new().map_err(|e| VsockError::EventFd(e.into()))?,
             timer_armed: false,
-            queue_evts_watched: false,
-            active: None,
             tx_stalled: false,
             batch: MAX_CHAINS_PER_EVENT,
             bad_rx_chain: LogOnce::new(),
@@ -178,7 +164,7 @@ impl Vsock {
     /// queue is full; takes at most `batch` chains, and if more are waiting
     /// kicks the TX eventfd to come back after the other events.
     fn process_tx(&mut self, now: Instant) {
-        let Some(a) = self.active.as_mut() else {
+        let Some((a, queue_evts)) = self.activation.active_with_events() else {
             return;
         };
         let mem = &a.mem;
@@ -193,7 +179,7 @@ impl Vsock {
             }
             if taken >= self.batch {
                 if ring_has_more(q, mem) {
-                    yield_queue(&self.queue_evts[TXQ], &self.bad_queue);
+                    yield_queue(&queue_evts[TXQ], &self.bad_queue);
                 }
                 break;
             }
@@ -232,7 +218,7 @@ impl Vsock {
     /// more to deliver (host data can keep coming as fast as the guest
     /// hands out buffers).
     fn process_rx(&mut self, now: Instant) {
-        let Some(a) = self.active.as_mut() else {
+        let Some((a, queue_evts)) = self.activation.active_with_events() else {
             return;
         };
         let mem = &a.mem;
@@ -242,7 +228,7 @@ impl Vsock {
         while self.muxer.has_rx_work() {
             if taken >= self.batch {
                 if ring_has_more(q, mem) {
-                    yield_queue(&self.queue_evts[RXQ], &self.bad_queue);
+                    yield_queue(&queue_evts[RXQ], &self.bad_queue);
                 }
                 break;
             }
@@ -312,19 +298,14 @@ impl Vsock {
         }
     }
 
-    fn watch_queues(&mut self, ops: &mut EventOps) {
-        super::watch_queue_events(ops, &self.queue_evts, &mut self.queue_evts_watched, "vsock");
-    }
-
     /// Handle one event on `fd` (the body of `process`, `ops` abstracted).
     fn handle_event(&mut self, fd: RawFd, set: EventSet, now: Instant) {
-        if fd == self.queue_evts[TXQ].as_raw_fd() {
-            let _ = self.queue_evts[TXQ].read();
-            self.process_tx(now);
-        } else if fd == self.queue_evts[RXQ].as_raw_fd() {
-            let _ = self.queue_evts[RXQ].read();
-        } else if fd == self.queue_evts[EVQ].as_raw_fd() {
-            let _ = self.queue_evts[EVQ].read();
+        if let Some(q) = self.activation.queue_of(fd) {
+            // RX and the event queue are served by `run_queues` below.
+            let _ = self.activation.queue_evt(q).read();
+            if q == TXQ {
+                self.process_tx(now);
+            }
         } else if fd == self.timer.as_raw_fd() {
             let _ = self.timer.wait();
             self.timer_armed = false;
@@ -368,11 +349,11 @@ impl VirtioDevice for Vsock {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE; NUM_QUEUES]
+        self.activation.queue_sizes()
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.activation.queue_events()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -384,52 +365,28 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != NUM_QUEUES {
-            return Err(ActivateError::BadQueues {
-                expected: NUM_QUEUES,
-                got: ctx.queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem: ctx.mem,
-            interrupt: ctx.interrupt,
-            queues: ctx.queues,
-        });
         self.tx_stalled = false;
-        if let Err(e) = self.activate_evt.write(1) {
-            // The event loop would never hear of the queues: stay inactive.
-            self.active = None;
-            return Err(ActivateError::EventFd(e));
-        }
-        Ok(())
+        self.activation.activate(ctx)
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.activation.reset();
         self.tx_stalled = false;
         self.muxer.reset();
         // Wake the event loop so it stops watching (and closes) the sockets.
-        let _ = self.activate_evt.write(1);
+        let _ = self.activation.activate_evt().write(1);
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_activated()
     }
 }
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        let fds = [
-            Events::new(&self.activate_evt, EventSet::IN),
-            Events::new(&self.timer, EventSet::IN),
-        ];
-        for ev in fds {
-            if let Err(e) = ops.add(ev) {
-                tracing::error!("vsock: cannot register with the event loop: {e}");
-            }
-        }
-        if self.active.is_some() {
-            self.watch_queues(ops);
+        self.activation.init(ops, "vsock");
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            tracing::error!("vsock: cannot register with the event loop: {e}");
         }
         // The listener (and any socket accepted before) is watched through
         // the muxer.
@@ -439,10 +396,8 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let now = Instant::now();
         let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            let _ = self.activate_evt.read();
-            if self.active.is_some() {
-                self.watch_queues(ops);
+        if self.activation.on_activate_event(fd, ops, "vsock") {
+            if self.activation.is_activated() {
                 // The driver may have queued buffers before we watched.
                 self.process_tx(now);
                 self.run_queues(now);

@@ -964,7 +964,7 @@ fn activate_that_cannot_signal_leaves_the_device_inactive() {
     let dir = TempDir::new_with_prefix("/tmp/ks-vsock-").unwrap();
     let mut v = Vsock::new(3, &dir.as_path().join("v.sock")).unwrap();
     // An eventfd counter at its maximum refuses any further write.
-    v.activate_evt.write(u64::MAX - 1).unwrap();
+    v.activation.activate_evt().write(u64::MAX - 1).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let queues = (0..NUM_QUEUES).map(|_| Queue::new(256).unwrap()).collect();
     let err = v

@@ -211,11 +211,8 @@ fn two_sandboxes_user_network_auto_idle_and_kill_9() {
     let st = beta.status();
     let pid = st["pid"].as_u64().expect("beta's VMM pid") as i32;
     // SAFETY: kill has no memory preconditions; pid is beta's keystone-vmm.
-    assert_eq!(
-        unsafe { libc::kill(pid, libc::SIGKILL) },
-        0,
-        "kill -9 {pid}"
-    );
+    let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(killed, 0, "kill -9 {pid}");
     wait_until("beta to stop", Duration::from_secs(60), || {
         beta.status()["status"] != "running"
     });

@@ -19,11 +19,8 @@ const BOOT: Duration = Duration::from_secs(60);
 
 fn require_root() {
     // SAFETY: geteuid has no arguments and cannot fail.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the jail tests must run as root"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the jail tests must run as root");
 }
 
 fn status_field(pid: u32, key: &str) -> String {

@@ -101,10 +101,8 @@ pub fn enter_pid_namespace() -> Result<Side, JailError> {
         return Err(JailError::NotRoot);
     }
     // SAFETY: unshare with a flag constant; affects only future children.
-    sys(
-        "unshare(CLONE_NEWPID)",
-        unsafe { libc::unshare(libc::CLONE_NEWPID) } as libc::c_long,
-    )?;
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
+    sys("unshare(CLONE_NEWPID)", rc as libc::c_long)?;
     // SAFETY: the process is single-threaded here (documented contract), so
     // the child may run arbitrary code after fork.
     let pid = sys("fork", unsafe { libc::fork() } as libc::c_long)? as libc::pid_t;
@@ -197,10 +195,8 @@ fn mount(
 pub fn confine(jail: &JailConfig, keep_dir: Option<&Path>) -> Result<(), JailError> {
     let flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
     // SAFETY: unshare with flag constants, on the calling (only) thread.
-    sys(
-        "unshare(mount, ipc, uts, net)",
-        unsafe { libc::unshare(flags) } as libc::c_long,
-    )?;
+    let rc = unsafe { libc::unshare(flags) };
+    sys("unshare(mount, ipc, uts, net)", rc as libc::c_long)?;
     // Nothing we mount may propagate back to the host.
     mount(
         None,
@@ -249,10 +245,8 @@ pub fn confine(jail: &JailConfig, keep_dir: Option<&Path>) -> Result<(), JailErr
     })?;
     let old_in = CString::new("/.old").map_err(|_| JailError::Path("/.old".into()))?;
     // SAFETY: umount2 with a valid C string and a flag constant.
-    sys(
-        "umount2(/.old)",
-        unsafe { libc::umount2(old_in.as_ptr(), libc::MNT_DETACH) } as libc::c_long,
-    )?;
+    let rc = unsafe { libc::umount2(old_in.as_ptr(), libc::MNT_DETACH) };
+    sys("umount2(/.old)", rc as libc::c_long)?;
     std::fs::remove_dir("/.old").map_err(|source| JailError::Sys {
         what: "rmdir /.old",
         source,
@@ -271,10 +265,8 @@ pub fn confine(jail: &JailConfig, keep_dir: Option<&Path>) -> Result<(), JailErr
     )?;
     let host = b"keystone-vmm";
     // SAFETY: a valid buffer and its length.
-    sys(
-        "sethostname",
-        unsafe { libc::sethostname(host.as_ptr().cast(), host.len()) } as libc::c_long,
-    )?;
+    let rc = unsafe { libc::sethostname(host.as_ptr().cast(), host.len()) };
+    sys("sethostname", rc as libc::c_long)?;
 
     for (res, limit) in [(libc::RLIMIT_CORE, 0), (libc::RLIMIT_NOFILE, JAIL_NOFILE)] {
         let rl = libc::rlimit {
@@ -301,19 +293,13 @@ pub fn confine(jail: &JailConfig, keep_dir: Option<&Path>) -> Result<(), JailErr
     sys("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) }
         as libc::c_long)?;
     // SAFETY: setresgid/setresuid with integer ids.
-    sys(
-        "setresgid",
-        unsafe { libc::setresgid(jail.gid, jail.gid, jail.gid) } as libc::c_long,
-    )?;
+    let rc = unsafe { libc::setresgid(jail.gid, jail.gid, jail.gid) };
+    sys("setresgid", rc as libc::c_long)?;
     // SAFETY: as above.
-    sys(
-        "setresuid",
-        unsafe { libc::setresuid(jail.uid, jail.uid, jail.uid) } as libc::c_long,
-    )?;
+    let rc = unsafe { libc::setresuid(jail.uid, jail.uid, jail.uid) };
+    sys("setresuid", rc as libc::c_long)?;
     // SAFETY: prctl with integer arguments.
-    sys(
-        "prctl(PR_SET_NO_NEW_PRIVS)",
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } as libc::c_long,
-    )?;
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    sys("prctl(PR_SET_NO_NEW_PRIVS)", rc as libc::c_long)?;
     Ok(())
 }

@@ -11,12 +11,13 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use keystone_devices::boot_timer::{BootTime, Timestamp};
 use keystone_devices::bus::lock;
 use keystone_devices::serial::SerialDevice;
+use seccompiler::BpfProgram;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 use vmm_sys_util::terminal::Terminal;
 
-use crate::builder::{build, BuildError};
+use crate::builder::{build, BuildError, BuiltVm};
 use crate::config::{SerialConfig, VmConfig};
 use crate::seccomp::{self, ThreadKind, Violation};
 use crate::signals;
@@ -184,15 +185,23 @@ impl Drop for RawStdin {
     }
 }
 
+/// The VMM's event loop: the exit watcher first, then the devices, then
+/// the console input.
+type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
 /// Build and run the VM until it ends. `start` is when the VMM process
 /// started; `boot_time_tx` receives boot-timer measurements.
+///
+/// The phases, in order: build the VM; set up the event loop; confine the
+/// process (jail, then the seccomp programs); start the vCPU threads, held
+/// at a gate; filter the VMM thread and open the gate; run the loop until
+/// the VM ends; stop the vCPUs and report memory use.
 pub fn run(
     config: &VmConfig,
     start: Timestamp,
     boot_time_tx: Option<Sender<BootTime>>,
 ) -> Result<VmExit, VmmError> {
     let signal_evt = signals::install().map_err(VmmError::Signals)?;
-
     let mut built = build(config, start, boot_time_tx)?;
 
     let vcpu_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
@@ -208,14 +217,71 @@ pub fn run(
         vcpu_results: done_rx,
         exit: None,
     }));
+    let (mut em, _raw) = event_loop(config, &mut built, watcher.clone())?;
 
-    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-        .map_err(|e| VmmError::EventManager(format!("{e:?}")))?;
-    em.add_subscriber(watcher.clone());
+    // Everything the VMM thread needs from the filesystem is open now: the
+    // filters below have no open/openat.
+    let mut proc_files = crate::metrics::ProcFiles::open();
+    let (vmm_filter, vcpu_filter) = confine(config)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // vCPU threads filter themselves, then wait here until the VMM thread
+    // has filtered itself too: no guest instruction runs before that.
+    let start_gate = Arc::new(Barrier::new(built.vcpus.len() + 1));
+    let handles = spawn_vcpus(
+        &mut built,
+        vcpu_filter,
+        &start_gate,
+        &stop,
+        &done_tx,
+        &vcpu_evt,
+    )?;
+    let filtered = match &vmm_filter {
+        Some(prog) => seccomp::install(prog),
+        None => Ok(()),
+    };
+    // The moment the vCPUs are released: taken before the gate opens, so
+    // it always precedes anything the guest does.
+    let released = Timestamp::now();
+    start_gate.wait();
+    if let Err(e) = filtered {
+        stop_vcpus(&stop, handles);
+        return Err(e.into());
+    }
+    tracing::debug!(
+        "boot phase vcpus started: {} us",
+        released.wall_us.saturating_sub(start.wall_us)
+    );
+
+    let exit = match run_until_exit(&mut em, &watcher) {
+        Ok(exit) => exit,
+        Err(e) => {
+            stop_vcpus(&stop, handles);
+            return Err(e);
+        }
+    };
+    if !stop_vcpus(&stop, handles) {
+        // A vCPU thread still in KVM_RUN keeps the VM alive: its memory
+        // mappings must outlive it, so they are leaked, not unmapped.
+        std::mem::forget(built.mem.clone());
+    }
+    log_memory(proc_files.as_mut(), &built);
+    Ok(exit)
+}
+
+/// Phase: the event loop, with the exit watcher, every device, and (serial
+/// on stdio) the console input, stdin in raw mode while it lasts.
+fn event_loop(
+    config: &VmConfig,
+    built: &mut BuiltVm,
+    watcher: Arc<Mutex<ExitWatcher>>,
+) -> Result<(Loop, Option<RawStdin>), VmmError> {
+    let mut em = Loop::new().map_err(|e| VmmError::EventManager(format!("{e:?}")))?;
+    em.add_subscriber(watcher);
     for device in built.devices.subscribers.drain(..) {
         em.add_subscriber(device);
     }
-    let _raw = if config.serial == SerialConfig::Stdio {
+    let raw = if config.serial == SerialConfig::Stdio {
         em.add_subscriber(Arc::new(Mutex::new(StdinInput {
             serial: built.devices.serial.clone(),
         })));
@@ -223,10 +289,12 @@ pub fn run(
     } else {
         None
     };
+    Ok((em, raw))
+}
 
-    // Everything the VMM thread needs from the filesystem is open now: the
-    // filters below have no open/openat.
-    let mut proc_files = crate::metrics::ProcFiles::open();
+/// Phase: the jail (if configured), then the seccomp programs for the VMM
+/// thread and the vCPU threads (installed later, by each thread).
+fn confine(config: &VmConfig) -> Result<(Option<BpfProgram>, Option<Arc<BpfProgram>>), VmmError> {
     if let Some(jail) = &config.jail {
         let keep = config
             .vsock
@@ -240,27 +308,33 @@ pub fn run(
             jail.root.display()
         );
     }
-    let (vmm_filter, vcpu_filter) = if config.seccomp {
-        let violation = if config.seccomp_log {
-            seccomp::install_log_handler()?;
-            tracing::warn!("seccomp violations are logged (--seccomp-log): for debugging only");
-            Violation::Log
-        } else {
-            Violation::Kill
-        };
-        (
-            Some(seccomp::program(ThreadKind::Vmm, violation)?),
-            Some(Arc::new(seccomp::program(ThreadKind::Vcpu, violation)?)),
-        )
-    } else {
+    if !config.seccomp {
         tracing::warn!("seccomp filters are off (--no-seccomp): for debugging only");
-        (None, None)
+        return Ok((None, None));
+    }
+    let violation = if config.seccomp_log {
+        seccomp::install_log_handler()?;
+        tracing::warn!("seccomp violations are logged (--seccomp-log): for debugging only");
+        Violation::Log
+    } else {
+        Violation::Kill
     };
+    Ok((
+        Some(seccomp::program(ThreadKind::Vmm, violation)?),
+        Some(Arc::new(seccomp::program(ThreadKind::Vcpu, violation)?)),
+    ))
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    // vCPU threads filter themselves, then wait here until the VMM thread
-    // has filtered itself too: no guest instruction runs before that.
-    let start_gate = Arc::new(Barrier::new(built.vcpus.len() + 1));
+/// Phase: one thread per vCPU, each filtering itself and then waiting at
+/// `start_gate`.
+fn spawn_vcpus(
+    built: &mut BuiltVm,
+    vcpu_filter: Option<Arc<BpfProgram>>,
+    start_gate: &Arc<Barrier>,
+    stop: &Arc<AtomicBool>,
+    done_tx: &Sender<VcpuResult>,
+    vcpu_evt: &EventFd,
+) -> Result<Vec<std::thread::JoinHandle<()>>, VmmError> {
     let mut handles = Vec::new();
     for vcpu in built.vcpus.drain(..) {
         let evt = vcpu_evt.try_clone().map_err(VmmError::EventFd)?;
@@ -281,45 +355,26 @@ pub fn run(
             }
         }
     }
-    let filtered = match &vmm_filter {
-        Some(prog) => seccomp::install(prog),
-        None => Ok(()),
-    };
-    // The moment the vCPUs are released: taken before the gate opens, so
-    // it always precedes anything the guest does.
-    let released = Timestamp::now();
-    start_gate.wait();
-    if let Err(e) = filtered {
-        stop_vcpus(&stop, handles);
-        return Err(e.into());
-    }
+    Ok(handles)
+}
 
-    tracing::debug!(
-        "boot phase vcpus started: {} us",
-        released.wall_us.saturating_sub(start.wall_us)
-    );
-    let exit = loop {
+/// Phase: the event loop, until the exit watcher has an exit.
+fn run_until_exit(em: &mut Loop, watcher: &Mutex<ExitWatcher>) -> Result<VmExit, VmmError> {
+    loop {
         match em.run() {
             Ok(_) => {}
             Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
-            Err(e) => {
-                stop_vcpus(&stop, handles);
-                return Err(VmmError::EventManager(format!("{e:?}")));
-            }
+            Err(e) => return Err(VmmError::EventManager(format!("{e:?}"))),
         }
-        if let Some(exit) = lock(&watcher).exit.take() {
-            break exit;
+        if let Some(exit) = lock(watcher).exit.take() {
+            return Ok(exit);
         }
-    };
-    if !stop_vcpus(&stop, handles) {
-        // A vCPU thread still in KVM_RUN keeps the VM alive: its memory
-        // mappings must outlive it, so they are leaked, not unmapped.
-        std::mem::forget(built.mem.clone());
     }
-    if let Some(m) = proc_files
-        .as_mut()
-        .and_then(|f| crate::metrics::memory_usage(f, &built.mem))
-    {
+}
+
+/// Phase: the memory report (peak RSS, guest RAM touched, VMM overhead).
+fn log_memory(proc_files: Option<&mut crate::metrics::ProcFiles>, built: &BuiltVm) {
+    if let Some(m) = proc_files.and_then(|f| crate::metrics::memory_usage(f, &built.mem)) {
         tracing::info!(
             "VMM memory: peak RSS {} KiB, guest RAM touched {} KiB, VMM overhead {} KiB",
             m.peak_rss_kib,
@@ -327,7 +382,6 @@ pub fn run(
             m.overhead_kib()
         );
     }
-    Ok(exit)
 }
 
 /// Ask every vCPU thread to stop and wait (bounded) for them. Returns

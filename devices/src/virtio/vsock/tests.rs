@@ -1119,12 +1119,11 @@ fn guest_connect_to_a_full_backlog_is_reset_without_blocking() {
     let mut h = Harness::new();
     let path = format!("{}_5100", h.uds.display());
     let listener = UnixListener::bind(&path).unwrap();
-    // SAFETY: `listener` owns an open, listening socket; listening again
+    let fd = std::os::unix::io::AsRawFd::as_raw_fd(&listener);
+    // SAFETY: `fd` is `listener`'s open, listening socket; listening again
     // only shrinks its backlog.
-    assert_eq!(
-        unsafe { libc::listen(std::os::unix::io::AsRawFd::as_raw_fd(&listener), 0) },
-        0
-    );
+    let rc = unsafe { libc::listen(fd, 0) };
+    assert_eq!(rc, 0);
     // Fill the backlog (never accepted).
     let mut held = Vec::new();
     while let Ok(s) = muxer::connect_nonblocking(std::path::Path::new(&path)) {

@@ -14,7 +14,7 @@ mod guest;
 
 use std::time::Instant;
 
-use agent::{code, Project, World};
+use agent::{code, start_args, Project, World};
 
 fn timed(p: &Project, args: &[&str]) -> f64 {
     let t = Instant::now();
@@ -46,17 +46,7 @@ fn main() {
     let world = World::new("agent-bench");
     let p = world.project("bench");
     let vcpus = guest::test_vcpus();
-    let start = [
-        "agent",
-        "start",
-        "--no-attach",
-        "--memory",
-        "2048",
-        "--vcpus",
-        &vcpus,
-        "--network",
-        "none",
-    ];
+    let start = start_args(&vcpus, "none");
     let first = timed(&p, &start);
     timed(&p, &["agent", "stop"]);
     let warm = timed(&p, &start);

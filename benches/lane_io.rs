@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use agent::{code, stdout, Project, World};
+use agent::{code, start_args, stdout, Project, World};
 
 /// The guest (and host) program: `bulk MIB` sends MIB MiB then waits for
 /// the listener's byte; `ping N` does N 1-byte round trips and prints the
@@ -200,17 +200,8 @@ fn main() {
     let pings = arg("--pings", 2000);
     let world = World::new("io-bench");
     let p = world.project("io");
-    let out = p.run(&[
-        "agent",
-        "start",
-        "--no-attach",
-        "--memory",
-        "2048",
-        "--vcpus",
-        &guest::test_vcpus(),
-        "--network",
-        "none",
-    ]);
+    let vcpus = guest::test_vcpus();
+    let out = p.run(&start_args(&vcpus, "none"));
     assert_eq!(code(&out), 0, "start");
     let st = p.status();
     let disk = PathBuf::from(st["disk"].as_str().expect("disk"));

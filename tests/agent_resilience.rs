@@ -23,7 +23,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agent::{code, stdout, wait_until, Project, World};
+use agent::{code, start_args, stdout, wait_until, Project, World};
 
 /// First IPv4 address `getent hosts` gives for `name` (on the host).
 fn host_resolves(name: &str) -> Option<String> {
@@ -64,17 +64,7 @@ fn host_uplink_address() -> String {
 }
 
 fn start(p: &Project, extra: &[&str]) -> Command {
-    let mut args = vec![
-        "agent",
-        "start",
-        "--no-attach",
-        "--memory",
-        "2048",
-        "--vcpus",
-        "1",
-        "--network",
-        "user",
-    ];
+    let mut args = start_args("1", "user");
     args.extend_from_slice(extra);
     let mut c = p.cmd(&args);
     c.env("KEYSTONE_IDLE_SECS", "5");

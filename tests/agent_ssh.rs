@@ -17,7 +17,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent::{code, stdout, wait_until, World};
+use agent::{code, start_args, stdout, wait_until, World};
 
 #[test]
 #[ignore = "lane: boots Linux on keystone-vmm, needs hardware KVM (tests/lane/suites)"]
@@ -26,17 +26,8 @@ fn agent_sandbox_over_ssh_and_git() {
     let w = world.project("proj");
     w.git(&["branch", "feature"]);
     let t0 = Instant::now();
-    let out = w.run(&[
-        "agent",
-        "start",
-        "--no-attach",
-        "--memory",
-        "2048",
-        "--vcpus",
-        &guest::test_vcpus(),
-        "--network",
-        "none",
-    ]);
+    let vcpus = guest::test_vcpus();
+    let out = w.run(&start_args(&vcpus, "none"));
     assert_eq!(code(&out), 0, "start failed");
     eprintln!("start to ready: {:.1} s", t0.elapsed().as_secs_f64());
 

@@ -169,6 +169,22 @@ impl Drop for Project {
     }
 }
 
+/// `keystone agent start --no-attach` for a test sandbox: 2 GiB of memory
+/// (the least `start` takes), `vcpus` vCPUs, `--network network`.
+pub fn start_args<'a>(vcpus: &'a str, network: &'a str) -> Vec<&'a str> {
+    vec![
+        "agent",
+        "start",
+        "--no-attach",
+        "--memory",
+        "2048",
+        "--vcpus",
+        vcpus,
+        "--network",
+        network,
+    ]
+}
+
 /// The exit code (-1 for a signal).
 pub fn code(out: &Output) -> i32 {
     out.status.code().unwrap_or(-1)

@@ -358,6 +358,16 @@ fn sandbox_life_cycle() {
     assert_eq!(s["running"], true);
     assert_eq!(s["cid"], 3);
     assert_eq!(s["memory_mib"], 2048);
+    // Nested virtualization is opt-in: by default the VMM hides vmx/svm.
+    let no_nested = |s: &Value| {
+        s["launch"]["args"]
+            .as_array()
+            .expect("launch args")
+            .iter()
+            .any(|a| a == "--no-nested")
+    };
+    assert_eq!(s["nested"], false, "{s}");
+    assert!(no_nested(&s), "{s}");
     assert_eq!(
         s["project_path"],
         project.canonicalize().unwrap().to_str().unwrap()
@@ -462,7 +472,7 @@ fn sandbox_life_cycle() {
         .output()
         .unwrap();
     assert!(w_.status.success(), "{}", show(&w_));
-    let out = w.start(&project, &["--name", "proj-one"]);
+    let out = w.start(&project, &["--name", "proj-one", "--nested"]);
     assert!(
         !String::from_utf8_lossy(&out.stderr).contains("cloning"),
         "{}",
@@ -472,6 +482,8 @@ fn sandbox_life_cycle() {
     let s = w.status("proj-one");
     assert_eq!(s["status"], "running");
     assert_eq!(s["cid"], 3, "same CID");
+    assert_eq!(s["nested"], true, "--nested asked for: {s}");
+    assert!(!no_nested(&s), "{s}");
     let pid = s["pid"].as_u64().unwrap();
 
     // kill -9 of the VMM: shown stopped.

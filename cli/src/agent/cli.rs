@@ -89,7 +89,12 @@ pub struct StartArgs {
     /// vCPUs (default 4, or what this sandbox used last).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=64))]
     pub vcpus: Option<u8>,
-    /// Hide vmx/svm from the guest (no nested virtualization) for this boot.
+    /// Offer vmx/svm to the guest (nested virtualization) for this boot;
+    /// off by default, since it widens what the guest can reach in KVM.
+    #[arg(long, conflicts_with = "no_nested")]
+    pub nested: bool,
+    /// Hide vmx/svm from the guest: the default, accepted for scripts that
+    /// say so.
     #[arg(long)]
     pub no_nested: bool,
     /// Make a new disk from the project (restarting the sandbox if it runs).
@@ -374,7 +379,7 @@ fn start(paths: &AgentPaths, a: StartArgs) -> u8 {
         name: a.name,
         memory_mib: a.memory,
         vcpus: a.vcpus,
-        no_nested: a.no_nested,
+        nested: a.nested && !a.no_nested,
         fresh: a.fresh,
         network: a.network.map(|n| match n {
             NetworkArg::User => NetworkChoice::User,

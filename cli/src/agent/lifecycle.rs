@@ -5,8 +5,8 @@
 //!
 //! `start` options are remembered: `--memory`, `--vcpus`, `--network`
 //! (`--tap`) and `--sync-mode` given once apply to later starts of the same
-//! sandbox until given again; `--no-nested` applies to the boot it is given
-//! to.
+//! sandbox until given again; `--nested` (nested virtualization, off by
+//! default) applies to the boot it is given to.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -119,7 +119,7 @@ pub struct StartOptions {
     /// vCPUs (default: the sandbox's, else 4).
     pub vcpus: Option<u8>,
     /// Hide VMX/SVM from the guest.
-    pub no_nested: bool,
+    pub nested: bool,
     /// Make a new disk (stopping the sandbox first if it runs).
     pub fresh: bool,
     /// `--network`.
@@ -276,7 +276,7 @@ fn reserve(paths: &AgentPaths, plan: &Plan) -> Result<Reservation, AgentError> {
                     cid,
                     memory_mib: DEFAULT_MEMORY_MIB,
                     vcpus: DEFAULT_VCPUS,
-                    nested: true,
+                    nested: false,
                     network: Network::User,
                     sync_mode: SyncMode::Manual,
                     status: Status::Stopped,
@@ -308,7 +308,7 @@ fn reserve(paths: &AgentPaths, plan: &Plan) -> Result<Reservation, AgentError> {
         if let Some(m) = o.sync_mode {
             s.sync_mode = m;
         }
-        s.nested = !o.no_nested;
+        s.nested = o.nested;
         // The socket only exists while it runs: follow the environment.
         s.vsock_uds = vsock_socket_path(&s.state_dir, &s.name)?;
         let previous = s.supervisor;

@@ -459,7 +459,7 @@ pub struct Sandbox {
     pub memory_mib: u64,
     /// vCPUs.
     pub vcpus: u8,
-    /// Nested virtualization offered to the guest (no `--no-nested`).
+    /// Nested virtualization offered to the guest (`--nested`).
     pub nested: bool,
     /// Its network.
     pub network: Network,

@@ -665,8 +665,18 @@ impl Net {
         let mut used = false;
         let mut budget = self.batch;
         loop {
+            // Every chain counts, usable or not: a guest refilling bad
+            // chains while a frame waits must not pin the event loop.
+            if budget == 0 {
+                // With a frame in hand the backend fd is not watched: come
+                // back through the RX eventfd while buffers are posted.
+                if self.rx.ready && ring_has_more(&active.queues[RXQ], &mem) {
+                    self.rearm(RXQ);
+                }
+                break;
+            }
             if !self.rx.ready {
-                if budget == 0 || self.link.backend.is_none() {
+                if self.link.backend.is_none() {
                     break;
                 }
                 self.rx.has_buffers = self.rx_ring_ready(&active);

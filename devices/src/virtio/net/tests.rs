@@ -539,6 +539,33 @@ fn work_per_wakeup_is_bounded() {
 }
 
 #[test]
+fn bad_rx_chains_count_against_the_budget_while_a_frame_waits() {
+    let mut h = Harness::new();
+    h.net.batch = 4;
+    let f = frame(50, 3);
+    h.peer_send(&f);
+    // Too small for any frame: each is returned empty and the frame waits.
+    for _ in 0..10 {
+        h.rxq.add_chain_or_panic(&h.mem, &[(20, W)]);
+    }
+    let rxq_evt = h.net.activation.queue_evt(RXQ).try_clone().unwrap();
+    h.net.process_rx();
+    assert_eq!(h.rxq.used_count(&h.mem), 4, "one wake-up, its budget");
+    assert_eq!(rxq_evt.read().unwrap(), 1, "re-armed to come back");
+    h.net.process_rx();
+    assert_eq!(h.rxq.used_count(&h.mem), 8);
+    assert_eq!(rxq_evt.read().unwrap(), 1, "re-armed again");
+    h.net.process_rx();
+    assert_eq!(h.rxq.used_count(&h.mem), 10);
+    assert!(rxq_evt.read().is_err(), "nothing left: not re-armed");
+    // The frame was kept for a usable buffer.
+    let buf = h.post_rx(100);
+    h.net.process_rx();
+    assert_eq!(h.net.counters().rx_frames, 1);
+    assert_eq!(h.read_guest(buf.unchecked_add(12), 50), f);
+}
+
+#[test]
 fn tx_backpressure_holds_one_frame_and_resumes_on_writability() {
     let mut h = Harness::new();
     let n = QSIZE as usize;

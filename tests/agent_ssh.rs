@@ -140,6 +140,27 @@ fn agent_sandbox_over_ssh_and_git() {
     assert_eq!(code(&w.run(&["agent", "sync"])), 0);
     assert_eq!(w.head_subject(), "guest two");
 
+    // A guest commit to a file the host runs (a husky hook): fetched, listed,
+    // not fast-forwarded; only an explicit flag brings it into the tree.
+    let out = w.exec(
+        "mkdir -p .husky && printf '#!/bin/sh\\ntouch /tmp/pwned\\n' > .husky/pre-commit && \
+         git add .husky && git -c user.name=Agent -c user.email=agent@sandbox commit -q -m 'guest hook'",
+    );
+    assert_eq!(code(&out), 0);
+    let out = w.run(&["agent", "sync"]);
+    assert_eq!(code(&out), 3, "held");
+    assert!(
+        stdout(&out).contains("NOT fast-forwarded") && stdout(&out).contains("  .husky/pre-commit"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(w.head_subject(), "guest two");
+    assert!(!w.dir.join(".husky/pre-commit").exists());
+    let out = w.run(&["agent", "sync", "--allow-executable-changes"]);
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    assert_eq!(w.head_subject(), "guest hook");
+    assert!(w.dir.join(".husky/pre-commit").exists());
+
     // Diverged: never merged automatically.
     std::fs::write(w.dir.join("host.txt"), "h\n").unwrap();
     w.git(&["add", "host.txt"]);

@@ -181,6 +181,11 @@ pub struct SyncArgs {
     /// files and directories only; symlinks and escaping paths are refused).
     #[arg(long)]
     pub artifacts: bool,
+    /// Fast-forward even when the sandbox changed files the host runs or
+    /// obeys (git hooks, package.json, Makefile, .envrc, CI workflows, ...),
+    /// which sync otherwise lists and leaves in refs/keystone/.
+    #[arg(long)]
+    pub allow_executable_changes: bool,
 }
 
 /// `keystone agent proxy`.
@@ -505,7 +510,12 @@ pub fn run(cmd: AgentCommand) -> u8 {
             remote::exec(&paths, a.name.as_deref(), &a.cmd).unwrap_or_else(|e| fail(&e))
         }
         AgentCommand::Sync(a) => {
-            match remote::sync(&paths, a.name.as_deref(), a.dry_run, a.artifacts) {
+            let opts = session::SyncOptions {
+                dry_run: a.dry_run,
+                artifacts: a.artifacts,
+                allow_executable: a.allow_executable_changes,
+            };
+            match remote::sync(&paths, a.name.as_deref(), opts) {
                 Ok(r) => {
                     print!("{}", r.text);
                     r.code

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::ExitStatus;
 
-use super::session::{self, key_for, key_for_root, target, SyncReport};
+use super::session::{self, key_for, key_for_root, target, SyncOptions, SyncReport};
 use super::ssh::{self, SshError};
 use super::state::{AgentPaths, Sandbox, Status};
 use super::AgentError;
@@ -81,15 +81,14 @@ pub fn ssh_config(paths: &AgentPaths, name: Option<&str>) -> Result<String, Agen
     Ok(out)
 }
 
-/// `sync [--dry-run] [--artifacts]`.
+/// `sync [--dry-run] [--artifacts] [--allow-executable-changes]`.
 pub fn sync(
     paths: &AgentPaths,
     name: Option<&str>,
-    dry_run: bool,
-    artifacts: bool,
+    opts: SyncOptions,
 ) -> Result<SyncReport, AgentError> {
     let s = running(paths, name)?;
-    session::run_sync(&s, dry_run, artifacts)
+    session::run_sync(&s, opts)
 }
 
 #[cfg(test)]

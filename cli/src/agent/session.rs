@@ -56,9 +56,26 @@ pub struct SyncReport {
     pub code: u8,
 }
 
+/// What a `sync` run may do.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncOptions {
+    /// Report only: fetch nothing, change nothing.
+    pub dry_run: bool,
+    /// Copy build outputs too (`--artifacts`).
+    pub artifacts: bool,
+    /// Fast-forward even over changes to files the host runs
+    /// (`--allow-executable-changes`; never in the automatic modes).
+    pub allow_executable: bool,
+}
+
 /// The body of `sync` for a running sandbox (also used by `stop --sync`
-/// and the supervisor's automatic modes).
-pub fn run_sync(s: &Sandbox, dry_run: bool, artifacts: bool) -> Result<SyncReport, AgentError> {
+/// and the supervisor's automatic modes, with the default options).
+pub fn run_sync(s: &Sandbox, o: SyncOptions) -> Result<SyncReport, AgentError> {
+    let SyncOptions {
+        dry_run,
+        artifacts,
+        allow_executable,
+    } = o;
     let key = key_for(s).map_err(ssh_err)?;
     let t = target(s);
     let serr = |e: sync::SyncError| AgentError::Internal(e.to_string());
@@ -78,7 +95,9 @@ pub fn run_sync(s: &Sandbox, dry_run: bool, artifacts: bool) -> Result<SyncRepor
     } else if dry_run {
         text.push_str("Dry run: nothing fetched, nothing changed.\n");
     } else {
-        match sync::fetch_and_fast_forward(&t, &key, &s.project_path).map_err(serr)? {
+        match sync::fetch_and_fast_forward(&t, &key, &s.project_path, allow_executable)
+            .map_err(serr)?
+        {
             Outcome::Synced { to: Some(to) } => {
                 text.push_str(&format!(
                     "Fetched into {}*; fast-forwarded the current branch to {to}.\n",
@@ -90,6 +109,20 @@ pub fn run_sync(s: &Sandbox, dry_run: bool, artifacts: bool) -> Result<SyncRepor
                     "Fetched into {}*; the current branch needed no fast-forward.\n",
                     sync::ref_prefix(&s.name)
                 ));
+            }
+            Outcome::Held { paths, theirs } => {
+                text.push_str(&format!(
+                    "Fetched into {}*, but NOT fast-forwarded: the sandbox changed files the host runs or obeys:\n",
+                    sync::ref_prefix(&s.name)
+                ));
+                for p in &paths {
+                    text.push_str(&format!("  {p}\n"));
+                }
+                text.push_str(&format!(
+                    "Review: git diff HEAD {theirs}\nThen: keystone agent sync {} --allow-executable-changes   # or: git merge --ff-only {theirs}\n",
+                    s.name
+                ));
+                code = sync::exit::NO_FAST_FORWARD;
             }
             Outcome::NoFastForward { reason, hint } => {
                 text.push_str(&format!(
@@ -218,7 +251,7 @@ pub fn idle_watch(s: Sandbox, stop: &std::sync::atomic::AtomicBool) {
         };
         if timer.observe(changed, Instant::now()) {
             let when = format_time(now());
-            match run_sync(&s, false, false) {
+            match run_sync(&s, SyncOptions::default()) {
                 Ok(r) if r.code == sync::exit::NOTHING => {}
                 Ok(r) => eprintln!(
                     "{when} supervisor: auto-idle sync of {} (exit {}):\n{}",
@@ -244,7 +277,7 @@ pub fn attach(s: &Sandbox) -> Result<ExitStatus, SshError> {
 /// "Nothing to sync" is success; an error is for a warning (the commits
 /// stay on the sandbox's disk).
 pub fn sync_before_stop(s: &Sandbox) -> Result<(), AgentError> {
-    let r = run_sync(s, false, false)?;
+    let r = run_sync(s, SyncOptions::default())?;
     print!("{}", r.text);
     match r.code {
         sync::exit::OK | sync::exit::NOTHING => Ok(()),
@@ -286,7 +319,7 @@ pub fn on_guest_commit(s: &Sandbox) {
         }
         *last = Some(Instant::now());
     }
-    match run_sync(s, false, false) {
+    match run_sync(s, SyncOptions::default()) {
         Ok(r) => eprintln!(
             "{when} supervisor: auto-commit sync of {} (exit {}):\n{}",
             s.name, r.code, r.text

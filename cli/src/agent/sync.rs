@@ -9,6 +9,17 @@
 //!    the sandbox's branch of the same name descends from it. The host
 //!    branch is never switched and nothing is ever pushed into the guest.
 //!
+//! The gate: a fast-forward puts guest-written files in the live work
+//! tree, and some files the host's tools run or obey without being asked
+//! (git hooks and hook managers, direnv, task runners, editor tasks, CI
+//! workflows, git attributes and LFS settings: [`host_executable`]). When
+//! the sandbox changed any of them, the commits stay in
+//! `refs/keystone/<name>/*`, the paths are listed, and only an explicit
+//! `sync --allow-executable-changes` fast-forwards (the automatic modes
+//! never do). No filter driver runs during a fast-forward: the global and
+//! system git config are not read for it, and a repository with filter
+//! drivers in its own config is held the same way.
+//!
 //! `--artifacts` copies build outputs (dist/ build/ target/ .next/ out/)
 //! from the guest as a tar stream, accepting only regular files and
 //! directories whose paths stay inside the project.
@@ -107,6 +118,14 @@ pub enum Outcome {
     Synced {
         /// New host branch tip, when it moved.
         to: Option<String>,
+    },
+    /// Fetched, but held: the sandbox changed files the host runs
+    /// ([`host_executable`]), or the repository configures filter drivers.
+    Held {
+        /// The paths (or the filter drivers) that held it.
+        paths: Vec<String>,
+        /// The fetched branch (`refs/keystone/<name>/<branch>`).
+        theirs: String,
     },
     /// Fetched, but the host branch cannot fast-forward; `hint` is the
     /// exact command to run.
@@ -254,6 +273,7 @@ pub fn fetch_and_fast_forward(
     t: &Target,
     key: &UserKey,
     project: &Path,
+    allow_executable: bool,
 ) -> Result<Outcome, SyncError> {
     let opts = ssh::ssh_options(t, key)?;
     let ssh_cmd = std::iter::once("ssh".to_string())
@@ -302,10 +322,21 @@ pub fn fetch_and_fast_forward(
             })
         }
     }
+    fast_forward(project, &t.name, allow_executable)
+}
+
+/// Step 3 (after the fetch): fast-forward the host's current branch to the
+/// sandbox `name`'s branch of the same name, through the gate (see the
+/// module docs) unless `allow_executable`.
+pub fn fast_forward(
+    project: &Path,
+    name: &str,
+    allow_executable: bool,
+) -> Result<Outcome, SyncError> {
     let Ok(branch) = git(project, &["symbolic-ref", "--quiet", "--short", "HEAD"]) else {
         return Ok(Outcome::Synced { to: None });
     };
-    let theirs = format!("{}{branch}", ref_prefix(&t.name));
+    let theirs = format!("{}{branch}", ref_prefix(name));
     if git(project, &["rev-parse", "--verify", "--quiet", &theirs]).is_err() {
         return Ok(Outcome::Synced { to: None });
     }
@@ -325,7 +356,41 @@ pub fn fetch_and_fast_forward(
             hint: format!("git stash && git merge --ff-only {theirs} && git stash pop"),
         });
     }
-    if let Err(e) = git(project, &["merge", "--ff-only", "--quiet", &theirs]) {
+    if !allow_executable {
+        let held = held_by(project, &theirs)?;
+        if !held.is_empty() {
+            return Ok(Outcome::Held {
+                paths: held,
+                theirs,
+            });
+        }
+    }
+    // No filter driver from the user's or the system's git config runs on
+    // the sandbox's files (git-lfs installs its smudge there).
+    let merged = Command::new("git")
+        .arg("-C")
+        .arg(project)
+        .args(["-c", "core.hooksPath=/dev/null"])
+        .args(["merge", "--ff-only", "--quiet", &theirs])
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| SyncError::Git {
+            args: "merge --ff-only".into(),
+            msg: e.to_string(),
+        })
+        .and_then(|out| {
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(SyncError::Git {
+                    args: "merge --ff-only".into(),
+                    msg: sanitize(String::from_utf8_lossy(&out.stderr).trim()),
+                })
+            }
+        });
+    if let Err(e) = merged {
         return Ok(Outcome::NoFastForward {
             reason: format!("git refused the fast-forward ({e})"),
             hint: format!("git merge --ff-only {theirs}   # after moving the files it names"),
@@ -333,6 +398,125 @@ pub fn fetch_and_fast_forward(
     }
     let to = git(project, &["rev-parse", "--short", "HEAD"])?;
     Ok(Outcome::Synced { to: Some(to) })
+}
+
+/// Top-level directories whose files host tools run or obey: git hooks
+/// (husky and plain hook directories), CI workflows, editor and container
+/// settings (tasks, terminal profiles), cargo's config (build runners).
+const EXECUTABLE_DIRS: &[&str] = &[
+    ".husky/",
+    ".githooks/",
+    ".git-hooks/",
+    ".github/workflows/",
+    ".vscode/",
+    ".idea/",
+    ".devcontainer/",
+    ".cargo/",
+];
+
+/// File names, at any depth, that host tools run or obey: hook managers,
+/// direnv, task runners and package scripts, git attributes (filters),
+/// submodules and LFS settings, package-manager settings.
+const EXECUTABLE_NAMES: &[&str] = &[
+    ".pre-commit-config.yaml",
+    "lefthook.yml",
+    "lefthook.yaml",
+    ".lefthook.yml",
+    ".lefthook.yaml",
+    "lefthook-local.yml",
+    ".envrc",
+    "package.json",
+    "Makefile",
+    "makefile",
+    "GNUmakefile",
+    "justfile",
+    "Justfile",
+    "Taskfile.yml",
+    "Taskfile.yaml",
+    ".gitattributes",
+    ".gitmodules",
+    ".lfsconfig",
+    ".npmrc",
+    ".yarnrc",
+    ".yarnrc.yml",
+    "mise.toml",
+    ".mise.toml",
+];
+
+/// Whether `path` (relative to the work tree, `/`-separated) is a file the
+/// host's tools run or obey without being asked; `hooks_path` is the host's
+/// `core.hooksPath` when it points inside the work tree.
+pub fn host_executable(path: &str, hooks_path: Option<&str>) -> bool {
+    if EXECUTABLE_DIRS.iter().any(|d| path.starts_with(d)) {
+        return true;
+    }
+    if let Some(h) = hooks_path
+        .map(|h| h.trim_matches('/'))
+        .filter(|h| !h.is_empty())
+    {
+        if path
+            .strip_prefix(h)
+            .is_some_and(|rest| rest.starts_with('/'))
+        {
+            return true;
+        }
+    }
+    let name = path.rsplit('/').next().unwrap_or(path);
+    EXECUTABLE_NAMES.contains(&name)
+}
+
+/// What holds a fast-forward of the current branch to `theirs`: the
+/// host-executable paths it changes, and the filter drivers the
+/// repository's own config defines (they would run on the sandbox's files).
+fn held_by(project: &Path, theirs: &str) -> Result<Vec<String>, SyncError> {
+    // The host's own setting (`git` overrides it with /dev/null).
+    let hooks_path = Command::new("git")
+        .arg("-C")
+        .arg(project)
+        .args(["config", "--get", "core.hooksPath"])
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .map(|h| h.strip_prefix("./").map(str::to_string).unwrap_or(h))
+        .filter(|h| !h.is_empty() && !h.starts_with('/') && !h.starts_with('~'));
+    let changed = git(
+        project,
+        &[
+            "diff",
+            "--name-only",
+            "--no-renames",
+            "--no-ext-diff",
+            "-z",
+            "HEAD",
+            theirs,
+        ],
+    )?;
+    let mut held: Vec<String> = changed
+        .split('\0')
+        .filter(|p| !p.is_empty() && host_executable(p, hooks_path.as_deref()))
+        .map(sanitize)
+        .collect();
+    if let Ok(filters) = git(
+        project,
+        &[
+            "config",
+            "--local",
+            "--name-only",
+            "--get-regexp",
+            r"^filter\.",
+        ],
+    ) {
+        let mut drivers: Vec<String> = filters
+            .lines()
+            .filter_map(|k| k.strip_prefix("filter.")?.rsplit_once('.').map(|(d, _)| d))
+            .map(|d| format!("filter driver '{}' (in .git/config)", sanitize(d)))
+            .collect();
+        drivers.dedup();
+        held.extend(drivers);
+    }
+    Ok(held)
 }
 
 /// Whether `path` (relative) is a plain path that stays inside its root.
@@ -509,6 +693,172 @@ pub fn unpack_artifacts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host repository on `main` with one commit, removed on drop.
+    struct Repo(PathBuf);
+
+    impl Repo {
+        fn new(tag: &str) -> Repo {
+            let dir = std::env::temp_dir().join(format!("ks-sync-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let r = Repo(dir);
+            r.git(&["init", "-q", "-b", "main"]);
+            r.write("README", "one\n");
+            r.commit("first");
+            r
+        }
+
+        fn git(&self, args: &[&str]) -> String {
+            let out = Command::new("git")
+                .arg("-C")
+                .arg(&self.0)
+                .args(["-c", "user.name=T", "-c", "user.email=t@t"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "git {args:?}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        }
+
+        fn write(&self, path: &str, text: &str) {
+            let p = self.0.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+
+        fn commit(&self, msg: &str) {
+            self.git(&["add", "-A"]);
+            self.git(&["commit", "-q", "-m", msg]);
+        }
+
+        /// A sandbox commit writing `files`, fetched as
+        /// `refs/keystone/sb/main` the way sync leaves it; HEAD stays.
+        fn sandbox_commit(&self, files: &[(&str, &str)]) {
+            self.git(&["checkout", "-q", "-b", "guest"]);
+            for (p, t) in files {
+                self.write(p, t);
+            }
+            self.commit("from the sandbox");
+            self.git(&["update-ref", "refs/keystone/sb/main", "guest"]);
+            self.git(&["checkout", "-q", "main"]);
+            self.git(&["branch", "-q", "-D", "guest"]);
+        }
+
+        fn head(&self) -> String {
+            self.git(&["rev-parse", "HEAD"])
+        }
+    }
+
+    impl Drop for Repo {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn host_executable_paths_are_recognised() {
+        for p in [
+            ".husky/pre-commit",
+            ".github/workflows/ci.yml",
+            ".vscode/tasks.json",
+            "package.json",
+            "web/package.json",
+            "Makefile",
+            ".envrc",
+            ".pre-commit-config.yaml",
+            "lefthook.yml",
+            ".gitattributes",
+            ".lfsconfig",
+            ".cargo/config.toml",
+        ] {
+            assert!(host_executable(p, None), "{p}");
+        }
+        for p in [
+            "src/main.rs",
+            "README.md",
+            "docs/Makefile.md",
+            "github/workflows/x",
+        ] {
+            assert!(!host_executable(p, None), "{p}");
+        }
+        assert!(host_executable("tools/hooks/pre-push", Some("tools/hooks")));
+        assert!(host_executable(
+            "tools/hooks/pre-push",
+            Some("tools/hooks/")
+        ));
+        assert!(!host_executable("tools/hooksmith", Some("tools/hooks")));
+    }
+
+    #[test]
+    fn changes_to_host_hooks_are_held_unless_allowed() {
+        let r = Repo::new("hooks");
+        r.git(&["config", "core.hooksPath", "hooks-dir"]);
+        let before = r.head();
+        r.sandbox_commit(&[
+            ("hooks-dir/pre-commit", "#!/bin/sh\ntouch pwned\n"),
+            ("src.txt", "x\n"),
+        ]);
+        match fast_forward(&r.0, "sb", false).unwrap() {
+            Outcome::Held { paths, theirs } => {
+                assert_eq!(paths, vec!["hooks-dir/pre-commit".to_string()]);
+                assert_eq!(theirs, "refs/keystone/sb/main");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.head(), before, "not fast-forwarded");
+        assert!(!r.0.join("hooks-dir/pre-commit").exists());
+        // Explicitly allowed: fast-forwarded.
+        match fast_forward(&r.0, "sb", true).unwrap() {
+            Outcome::Synced { to: Some(_) } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(r.0.join("hooks-dir/pre-commit").exists());
+    }
+
+    #[test]
+    fn plain_source_changes_fast_forward_and_husky_is_held() {
+        let r = Repo::new("plain");
+        r.sandbox_commit(&[("src.txt", "x\n")]);
+        assert!(matches!(
+            fast_forward(&r.0, "sb", false).unwrap(),
+            Outcome::Synced { to: Some(_) }
+        ));
+        assert!(r.0.join("src.txt").exists());
+        r.sandbox_commit(&[
+            (".husky/pre-commit", "npm test\n"),
+            ("package.json", "{}\n"),
+        ]);
+        match fast_forward(&r.0, "sb", false).unwrap() {
+            Outcome::Held { paths, .. } => {
+                assert_eq!(paths, vec![".husky/pre-commit", "package.json"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn repository_filter_drivers_hold_the_fast_forward() {
+        let r = Repo::new("filter");
+        let marker = r.0.join("smudged");
+        r.write(".gitattributes", "*.dat filter=x\n");
+        r.commit("attributes");
+        r.git(&[
+            "config",
+            "filter.x.smudge",
+            &format!("touch {}; cat", marker.display()),
+        ]);
+        r.git(&["config", "filter.x.clean", "cat"]);
+        r.sandbox_commit(&[("a.dat", "data\n")]);
+        let _ = std::fs::remove_file(&marker);
+        match fast_forward(&r.0, "sb", false).unwrap() {
+            Outcome::Held { paths, .. } => {
+                assert_eq!(paths, vec!["filter driver 'x' (in .git/config)"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!marker.exists(), "the smudge filter ran");
+    }
 
     #[test]
     fn listing_parses_and_is_sanitised() {

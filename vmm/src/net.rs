@@ -145,8 +145,6 @@ const PASST_FD: i32 = 3;
 
 /// Start passt for one VM: it talks QEMU's length-prefixed frame protocol on
 /// its end of a socketpair, forwards no host ports (`-t none -u none`),
-/// does not map the gateway address to the host's loopback (`--no-map-gw`:
-/// a service bound to the host's 127.0.0.1 stays out of the guest's reach),
 /// serves one client and quits when the VMM's end closes (`-1`), and is
 /// killed if the VMM dies (parent-death signal). Returns the child and the
 /// VMM's end of the socket.
@@ -170,7 +168,6 @@ pub fn spawn_passt() -> Result<(Child, UnixStream), NetError> {
         "/dev/null",
         "--mtu",
         "1500",
-        "--no-map-gw",
     ])
     .arg("-F")
     .arg(PASST_FD.to_string())

@@ -402,16 +402,40 @@ pub fn exec(t: &Target, key: &UserKey, cmd: &[String]) -> Result<ExitStatus, Ssh
 /// `max` bytes, stderr is drained and dropped. For commands whose output
 /// or duration the guest controls.
 pub fn run_bounded(
-    mut cmd: Command,
+    cmd: Command,
     limit: Duration,
     max: u64,
 ) -> Result<(Option<ExitStatus>, Vec<u8>), SshError> {
+    run_bounded_with_input(cmd, &[], limit, max)
+}
+
+/// [`run_bounded`], with `input` written to the command's stdin (closed
+/// after it; `/dev/null` when empty).
+pub fn run_bounded_with_input(
+    mut cmd: Command,
+    input: &[u8],
+    limit: Duration,
+    max: u64,
+) -> Result<(Option<ExitStatus>, Vec<u8>), SshError> {
+    let stdin = if input.is_empty() {
+        Stdio::null()
+    } else {
+        Stdio::piped()
+    };
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(SshError::Spawn)?;
+    let writer = child.stdin.take().map(|mut w| {
+        let input = input.to_vec();
+        // A child that stops reading gets EPIPE, not a stuck writer.
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            let _ = w.write_all(&input);
+        })
+    });
     let out = child.stdout.take();
     let err = child.stderr.take();
     let reader = std::thread::spawn(move || {
@@ -444,6 +468,9 @@ pub fn run_bounded(
     };
     let buf = reader.join().unwrap_or_default();
     let _ = drain.join();
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
     Ok((status, buf))
 }
 
@@ -456,8 +483,20 @@ pub const QUERY_MAX_OUTPUT: u64 = 8 << 20;
 /// [`QUERY_TIMEOUT`] and [`QUERY_MAX_OUTPUT`]. For the CLI's own queries
 /// (sync); the guest's output is untrusted data.
 pub fn capture(t: &Target, key: &UserKey, remote: &str) -> Result<(ExitStatus, Vec<u8>), SshError> {
-    let (st, out) = run_bounded(
+    capture_with_input(t, key, remote, &[])
+}
+
+/// [`capture`], with `input` on the remote command's stdin: for data whose
+/// size the command line could not take (one argument is at most 128 KiB).
+pub fn capture_with_input(
+    t: &Target,
+    key: &UserKey,
+    remote: &str,
+    input: &[u8],
+) -> Result<(ExitStatus, Vec<u8>), SshError> {
+    let (st, out) = run_bounded_with_input(
         ssh_command(t, key, false, remote)?,
+        input,
         QUERY_TIMEOUT,
         QUERY_MAX_OUTPUT,
     )?;

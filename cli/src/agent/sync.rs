@@ -178,28 +178,44 @@ pub fn pending(t: &Target, key: &UserKey, project: &Path) -> Result<Pending, Syn
             &ref_prefix(&t.name),
         ],
     )?;
-    let shas: Vec<&str> = known
-        .lines()
-        .filter(|s| s.len() >= 40 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-        .collect();
-    // Runs in the guest: hashes are hex, everything else is constant.
-    let script = format!(
-        "cd {WORKSPACE} || exit 90\n\
-         not=''\n\
-         for s in {shas}; do git cat-file -e \"$s^{{commit}}\" 2>/dev/null && not=\"$not ^$s\"; done\n\
-         git for-each-ref --format='%(refname:short)' refs/heads | while IFS= read -r b; do\n\
-           git log --format=\"B%x00$b%x00%h%x00%s\" \"refs/heads/$b\" $not -- || exit 91\n\
-         done\n\
-         git status --porcelain | sed 's/^/U\\x00/'\n",
-        shas = shas.join(" ")
-    );
-    let (status, out) = ssh::capture(t, key, &script)?;
+    let shas = known_tips(&known);
+    let (status, out) = ssh::capture_with_input(t, key, &pending_script(WORKSPACE), &shas)?;
     if !status.success() {
         return Err(SyncError::Guest(format!(
             "listing commits in {WORKSPACE} failed ({status})"
         )));
     }
     Ok(parse_pending(&String::from_utf8_lossy(&out)))
+}
+
+/// The host's ref tips (hex object names only), one per line, for the
+/// guest's stdin.
+fn known_tips(for_each_ref: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    for s in for_each_ref
+        .lines()
+        .filter(|s| s.len() >= 40 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        v.extend_from_slice(s.as_bytes());
+        v.push(b'\n');
+    }
+    v
+}
+
+/// The listing the guest runs in `workspace`: the host's ref tips arrive on
+/// stdin (any number: nothing about them is on the command line), those the
+/// guest has are excluded from each branch's log.
+fn pending_script(workspace: &str) -> String {
+    format!(
+        "cd {workspace} || exit 90\n\
+         not=$(mktemp) || exit 92\n\
+         git cat-file --batch-check='%(objectname) %(objecttype)' | awk '$2 == \"commit\" {{ print \"^\" $1 }}' > \"$not\"\n\
+         git for-each-ref --format='%(refname:short)' refs/heads | while IFS= read -r b; do\n\
+           git log --format=\"B%x00$b%x00%h%x00%s\" \"refs/heads/$b\" --stdin -- < \"$not\" || exit 91\n\
+         done\n\
+         rm -f \"$not\"\n\
+         git status --porcelain | sed 's/^/U\\x00/'\n"
+    )
 }
 
 /// Parse the guest's listing (`B\0branch\0hash\0subject` and `U\0status`
@@ -754,6 +770,60 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[test]
+    fn thousands_of_host_refs_go_over_stdin_not_the_command_line() {
+        let g = Repo::new("many");
+        // 3500 refs, each to its own commit (git fast-import: real
+        // git): their tips are more than one argument can hold (128 KiB).
+        let base = g.head();
+        let mut stream = String::new();
+        for i in 0..3500 {
+            let msg = format!("b{i}");
+            stream.push_str(&format!(
+                "commit refs/keep/b{i}\ncommitter T <t@t> 0 +0000\ndata {}\n{msg}\nfrom {base}\n\n",
+                msg.len()
+            ));
+        }
+        let mut fi = Command::new("git")
+            .arg("-C")
+            .arg(&g.0)
+            .args(["fast-import", "--quiet"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(fi.stdin.as_mut().unwrap(), stream.as_bytes()).unwrap();
+        drop(fi.stdin.take());
+        assert!(fi.wait().unwrap().success());
+        // The host knows all of that; the sandbox then commits on main.
+        let known = g.git(&["for-each-ref", "--format=%(objectname)"]);
+        g.write("new.txt", "n\n");
+        g.commit("new work");
+        let input = known_tips(&known);
+        let script = pending_script(g.0.to_str().unwrap());
+        assert!(
+            input.len() > 128 * 1024,
+            "more than one argument could hold"
+        );
+        assert!(
+            script.len() < 1024,
+            "the script does not grow with the refs"
+        );
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(&script);
+        let (st, out) =
+            ssh::run_bounded_with_input(sh, &input, std::time::Duration::from_secs(120), 8 << 20)
+                .unwrap();
+        assert!(st.unwrap().success());
+        let p = parse_pending(&String::from_utf8_lossy(&out));
+        assert_eq!(
+            p.commit_count(),
+            1,
+            "{:?}",
+            p.branches.keys().take(3).collect::<Vec<_>>()
+        );
+        assert_eq!(p.branches["main"][0].subject, "new work");
     }
 
     #[test]

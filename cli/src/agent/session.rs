@@ -251,17 +251,7 @@ pub fn idle_watch(s: Sandbox, stop: &std::sync::atomic::AtomicBool) {
         };
         if timer.observe(changed, Instant::now()) {
             let when = format_time(now());
-            match run_sync(&s, SyncOptions::default()) {
-                Ok(r) if r.code == sync::exit::NOTHING => {}
-                Ok(r) => eprintln!(
-                    "{when} supervisor: auto-idle sync of {} (exit {}):\n{}",
-                    s.name, r.code, r.text
-                ),
-                Err(e) => eprintln!(
-                    "{when} supervisor: auto-idle sync of {} failed: {e}",
-                    s.name
-                ),
-            }
+            auto_sync(&s, "auto-idle", &when, true);
         }
     }
 }
@@ -319,15 +309,19 @@ pub fn on_guest_commit(s: &Sandbox) {
         }
         *last = Some(Instant::now());
     }
+    auto_sync(s, "auto-commit", &when, false);
+}
+
+/// One automatic sync (never over host-executable changes), reported on
+/// the supervisor's stderr; "nothing to sync" is silent when `quiet`.
+fn auto_sync(s: &Sandbox, mode: &str, when: &str, quiet: bool) {
     match run_sync(s, SyncOptions::default()) {
+        Ok(r) if quiet && r.code == sync::exit::NOTHING => {}
         Ok(r) => eprintln!(
-            "{when} supervisor: auto-commit sync of {} (exit {}):\n{}",
+            "{when} supervisor: {mode} sync of {} (exit {}):\n{}",
             s.name, r.code, r.text
         ),
-        Err(e) => eprintln!(
-            "{when} supervisor: auto-commit sync of {} failed: {e}",
-            s.name
-        ),
+        Err(e) => eprintln!("{when} supervisor: {mode} sync of {} failed: {e}", s.name),
     }
 }
 

@@ -137,14 +137,38 @@ pub enum Outcome {
     },
 }
 
-/// Host git, never running hooks: a fast-forward checks out files the
-/// guest wrote, and repositories can keep their hooks in the tree (e.g.
-/// husky's `core.hooksPath`).
+/// How a host git command is configured.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HostGit {
+    /// Never running hooks (`core.hooksPath=/dev/null`): a fast-forward
+    /// checks out files the guest wrote, and repositories can keep their
+    /// hooks in the tree (e.g. husky's `core.hooksPath`).
+    NoHooks,
+    /// No hooks, and neither the global nor the system config read: no
+    /// filter driver from there (git-lfs installs its smudge there) runs on
+    /// the sandbox's files.
+    Isolated,
+    /// The repository's configuration as it is, to read a setting.
+    AsConfigured,
+}
+
+/// Host git with hooks off ([`HostGit::NoHooks`]).
 fn git(project: &Path, args: &[&str]) -> Result<String, SyncError> {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(project)
-        .args(["-c", "core.hooksPath=/dev/null"])
+    git_in(project, HostGit::NoHooks, args)
+}
+
+/// Host git in `project`, configured as `how`; returns trimmed stdout.
+fn git_in(project: &Path, how: HostGit, args: &[&str]) -> Result<String, SyncError> {
+    let mut cmd = Command::new("git");
+    cmd.arg("-C").arg(project);
+    if how != HostGit::AsConfigured {
+        cmd.args(["-c", "core.hooksPath=/dev/null"]);
+    }
+    if how == HostGit::Isolated {
+        cmd.env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1");
+    }
+    let out = cmd
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -381,31 +405,11 @@ pub fn fast_forward(
             });
         }
     }
-    // No filter driver from the user's or the system's git config runs on
-    // the sandbox's files (git-lfs installs its smudge there).
-    let merged = Command::new("git")
-        .arg("-C")
-        .arg(project)
-        .args(["-c", "core.hooksPath=/dev/null"])
-        .args(["merge", "--ff-only", "--quiet", &theirs])
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| SyncError::Git {
-            args: "merge --ff-only".into(),
-            msg: e.to_string(),
-        })
-        .and_then(|out| {
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(SyncError::Git {
-                    args: "merge --ff-only".into(),
-                    msg: sanitize(String::from_utf8_lossy(&out.stderr).trim()),
-                })
-            }
-        });
+    let merged = git_in(
+        project,
+        HostGit::Isolated,
+        &["merge", "--ff-only", "--quiet", &theirs],
+    );
     if let Err(e) = merged {
         return Ok(Outcome::NoFastForward {
             reason: format!("git refused the fast-forward ({e})"),
@@ -486,17 +490,15 @@ pub fn host_executable(path: &str, hooks_path: Option<&str>) -> bool {
 /// repository's own config defines (they would run on the sandbox's files).
 fn held_by(project: &Path, theirs: &str) -> Result<Vec<String>, SyncError> {
     // The host's own setting (`git` overrides it with /dev/null).
-    let hooks_path = Command::new("git")
-        .arg("-C")
-        .arg(project)
-        .args(["config", "--get", "core.hooksPath"])
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .map(|h| h.strip_prefix("./").map(str::to_string).unwrap_or(h))
-        .filter(|h| !h.is_empty() && !h.starts_with('/') && !h.starts_with('~'));
+    let hooks_path = git_in(
+        project,
+        HostGit::AsConfigured,
+        &["config", "--get", "core.hooksPath"],
+    )
+    .ok()
+    .map(|h| h.trim().to_string())
+    .map(|h| h.strip_prefix("./").map(str::to_string).unwrap_or(h))
+    .filter(|h| !h.is_empty() && !h.starts_with('/') && !h.starts_with('~'));
     let changed = git(
         project,
         &[

@@ -173,6 +173,14 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// Whether the driver made chains available that the device has not taken
+/// (assumed so if the ring cannot be read).
+pub(crate) fn ring_has_more(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    use virtio_queue::QueueT;
+    q.avail_idx(mem, Ordering::Acquire)
+        .map_or(true, |idx| idx != std::num::Wrapping(q.next_avail()))
+}
+
 /// Copy a device's configuration space, starting at the guest-controlled
 /// `offset`, into `data`; bytes past the end of `config` read as zero.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {

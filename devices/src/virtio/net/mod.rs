@@ -43,11 +43,12 @@ use std::sync::atomic::Ordering;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::activation::{Activation, Active};
+use super::ring_has_more;
 use super::{ActivateContext, ActivateError, LogOnce, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
 
 mod backend;
@@ -817,13 +818,6 @@ impl Net {
                 .warn(format_args!("virtio-net: event on unexpected fd {fd}"));
         }
     }
-}
-
-/// Whether the driver made chains available that the device has not taken
-/// (assumed so if the ring cannot be read).
-fn ring_has_more(q: &Queue, mem: &GuestMemoryMmap) -> bool {
-    q.avail_idx(mem, Ordering::Acquire)
-        .map_or(true, |idx| idx != Wrapping(q.next_avail()))
 }
 
 impl VirtioDevice for Net {

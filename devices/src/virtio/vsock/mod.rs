@@ -36,9 +36,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -46,6 +45,7 @@ pub use connection::{CONN_BUF_ALLOC, MAX_PKT_DATA, REQUEST_TIMEOUT, SHUTDOWN_TIM
 pub use muxer::{CONNECT_LINE_MAX, LOCAL_PORT_BASE, MAX_CONNECTIONS};
 
 use super::activation::Activation;
+use super::ring_has_more;
 use super::{
     ActivateContext, ActivateError, LogOnce, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
@@ -315,13 +315,6 @@ impl Vsock {
         }
         self.run_queues(now);
     }
-}
-
-/// Whether the driver made chains available that the device has not taken
-/// (assumed so if the ring cannot be read).
-fn ring_has_more(q: &Queue, mem: &GuestMemoryMmap) -> bool {
-    q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .map_or(true, |idx| idx != std::num::Wrapping(q.next_avail()))
 }
 
 /// Come back to a queue on the next event-loop round (its eventfd is

@@ -67,10 +67,18 @@ fn main() {
     ];
     // Within each run the phases come in boot order (medians of different
     // phases come from different runs, so only per-run order is checked).
+    // `first_output` is when a host reader thread saw the first serial byte,
+    // so it may trail the VMM-stamped `boot_timer` write by that thread's
+    // wake-up latency (CI saw 6.77 ms vs 6.75 ms): it is checked against
+    // the phases around it, not against `boot_timer`.
     let medians: Vec<f64> = order.iter().map(|p| median(p)).collect();
     let sample = |name: &str, i: usize| phases[name]["samples"][i].as_f64().expect("sample");
+    let chains: [&[&str]; 2] = [
+        &["vmm_start", "vm_ready", "boot_timer", "exit"],
+        &["vm_ready", "first_output", "exit"],
+    ];
     for i in 0..runs as usize {
-        for names in order.windows(2) {
+        for names in chains.iter().flat_map(|c| c.windows(2)) {
             let (a, b) = (sample(names[0], i), sample(names[1], i));
             assert!(
                 a <= b,

@@ -66,6 +66,9 @@ pub struct I8042 {
     pending_cmd: Option<u8>,
     out_buf: VecDeque<u8>,
     logged_unknown: bool,
+    /// A reset was signalled: the VM is going down. A vCPU writing 0xFE in
+    /// a loop until then gets one log line and one eventfd count.
+    reset_signalled: bool,
 }
 
 impl I8042 {
@@ -81,6 +84,7 @@ impl I8042 {
             pending_cmd: None,
             out_buf: VecDeque::new(),
             logged_unknown: false,
+            reset_signalled: false,
         }
     }
 
@@ -100,6 +104,10 @@ impl I8042 {
     }
 
     fn trigger_reset(&mut self) {
+        if self.reset_signalled {
+            return;
+        }
+        self.reset_signalled = true;
         tracing::info!("guest requested a reset through the i8042");
         if let Err(e) = self.reset_evt.write(1) {
             tracing::error!("i8042: cannot signal reset: {e}");
@@ -196,6 +204,19 @@ mod tests {
         let (mut d, evt) = dev();
         assert!(evt.read().is_err(), "no reset before the command");
         d.write(OFS_STATUS_CMD, &[CMD_RESET_CPU]);
+        assert_eq!(evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_reset_loop_signals_and_logs_once() {
+        // A guest writing 0xFE until the VMM stops it: one reset, not one
+        // log line per write.
+        let (mut d, evt) = dev();
+        for _ in 0..1000 {
+            d.write(OFS_STATUS_CMD, &[CMD_RESET_CPU]);
+            d.write(OFS_STATUS_CMD, &[CMD_WRITE_OUTP]);
+            d.write(OFS_DATA, &[0x02]);
+        }
         assert_eq!(evt.read().unwrap(), 1);
     }
 

@@ -9,6 +9,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod acpi_sleep;
 pub mod boot_timer;
 pub mod bus;
 pub mod i8042;

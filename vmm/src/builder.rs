@@ -6,6 +6,7 @@ use std::sync::mpsc::Sender;
 use keystone_devices::boot_timer::{BootTime, Timestamp};
 use vm_memory::GuestMemoryMmap;
 
+use crate::arch::x86_64::acpi::{setup_acpi, AcpiError};
 use crate::arch::x86_64::bootparams::{
     build_boot_params, write_boot_params, BootInfo, BootParamsError,
 };
@@ -39,6 +40,9 @@ pub enum BuildError {
     /// MP table.
     #[error(transparent)]
     Mptable(#[from] MptableError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     /// Page tables, GDT.
     #[error(transparent)]
     Regs(#[from] RegsError),
@@ -108,7 +112,7 @@ pub fn build(
         cmdline.push_str(entry);
     }
     let cmdline_size = write_cmdline(&mem, &cmdline)?;
-    let params = build_boot_params(
+    let mut params = build_boot_params(
         mem_size,
         &BootInfo {
             setup_header: kernel.setup_header,
@@ -117,8 +121,9 @@ pub fn build(
             initrd,
         },
     )?;
-    write_boot_params(&mem, &params)?;
     setup_mptable(&mem, config.vcpus)?;
+    params.acpi_rsdp_addr = setup_acpi(&mem, config.vcpus, &devices.mmio_devices)?;
+    write_boot_params(&mem, &params)?;
     setup_page_tables(&mem)?;
     phase(start, "kernel and boot structures loaded");
 

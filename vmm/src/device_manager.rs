@@ -6,19 +6,22 @@
 //! |-------------|-------------------------------|-----------|
 //! | 8250 UART   | ports 0x3f8-0x3ff             | GSI 4     |
 //! | i8042       | ports 0x60-0x64 (reset only)  | none      |
+//! | ACPI sleep registers | ports 0x600-0x601 (poweroff only) | none |
 //! | boot timer  | MMIO 0xc000_0000, 4 KiB (with `--boot-timer`) | none |
 //! | virtio-mmio | MMIO 0xc000_1000 + 4 KiB × n, one per device  | GSI 5 + n |
 //!
 //! virtio devices, in order: each `--disk` (virtio-blk, 1 queue of 256),
 //! then `--net` (virtio-net, rx + tx queues of 256, passt or tap backend),
 //! then `--vsock` (3 queues of 256). Each is announced to the guest kernel
-//! as `virtio_mmio.device=4K@<base>:<gsi>` on its command line; queue
-//! notifications are KVM ioeventfds and interrupts KVM irqfds.
+//! as `virtio_mmio.device=4K@<base>:<gsi>` on its command line and in the
+//! ACPI DSDT (`arch::x86_64::acpi`); queue notifications are KVM
+//! ioeventfds and interrupts KVM irqfds.
 
 use std::fs::OpenOptions;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
+use keystone_devices::acpi_sleep::{AcpiSleep, ACPI_SLEEP_BASE, ACPI_SLEEP_LEN};
 use keystone_devices::bus::lock;
 
 use event_manager::MutEventSubscriber;
@@ -31,7 +34,7 @@ use keystone_devices::serial::{
 };
 use keystone_devices::virtio::block::{Block, BlockError};
 use keystone_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
-use keystone_devices::virtio::net::{open_tap, Net, NetBackend};
+use keystone_devices::virtio::net::{open_macvtap, open_tap, Egress, Net, NetBackend};
 use keystone_devices::virtio::vsock::{Vsock, VsockError};
 use keystone_devices::virtio::{Interrupt, VirtioDevice};
 use keystone_devices::{Bus, BusError};
@@ -39,6 +42,7 @@ use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::arch::x86_64::acpi::MmioDevice;
 use crate::config::{SerialConfig, VmConfig};
 use crate::vm::Vm;
 
@@ -108,12 +112,17 @@ pub struct DeviceManager {
     pub mmio: Bus,
     /// The UART, also fed by the event loop with stdin.
     pub serial: Arc<Mutex<SerialDevice>>,
-    /// Written by the i8042 when the guest resets.
+    /// Written by the i8042 when the guest resets: ends the VM.
     pub reset_evt: EventFd,
+    /// Written by the ACPI sleep registers when the guest powers off: ends
+    /// the VM.
+    pub poweroff_evt: EventFd,
     /// Devices with work for the event loop (virtio queue processing).
     pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     /// `virtio_mmio.device=` entries for the kernel command line.
     pub cmdline_entries: Vec<String>,
+    /// The virtio-mmio windows, for the ACPI DSDT.
+    pub mmio_devices: Vec<MmioDevice>,
     /// The passt process serving `--net user`, if any. It quits when the
     /// VMM's end of its socket closes, and dies with the VMM.
     pub passt: Option<std::process::Child>,
@@ -176,6 +185,9 @@ impl DeviceManager {
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         let i8042 = I8042::new(reset_evt.try_clone().map_err(DeviceError::EventFd)?);
         pio.insert(Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)?;
+        let poweroff_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        let sleep = AcpiSleep::new(poweroff_evt.try_clone().map_err(DeviceError::EventFd)?);
+        pio.insert(Arc::new(Mutex::new(sleep)), ACPI_SLEEP_BASE, ACPI_SLEEP_LEN)?;
 
         if boot_timer {
             let timer = BootTimer::new(start, boot_time_tx);
@@ -187,8 +199,10 @@ impl DeviceManager {
             mmio,
             serial,
             reset_evt,
+            poweroff_evt,
             subscribers: Vec::new(),
             cmdline_entries: Vec::new(),
+            mmio_devices: Vec::new(),
             passt: None,
         };
         for disk in &config.disks {
@@ -200,15 +214,30 @@ impl DeviceManager {
             dm.add_virtio(vm, mem, Arc::new(Mutex::new(block)))?;
         }
         if let Some(n) = &config.net {
-            let backend = match &n.mode {
+            let mut mac = n.mac;
+            let (backend, egress) = match &n.mode {
                 crate::net::NetMode::User => {
-                    let (child, sock) = crate::net::spawn_passt()?;
+                    let plan = crate::net::host_passt_plan();
+                    if plan.no_dns {
+                        tracing::warn!(
+                            "the host's resolver is on loopback and there is no default route \
+                             to reach it through: the guest gets no DNS"
+                        );
+                    }
+                    let (child, sock) = crate::net::spawn_passt(&plan)?;
                     dm.passt = Some(child);
-                    NetBackend::Stream(sock)
+                    (NetBackend::Stream(sock), Egress::dns_only(plan.dns_only))
                 }
-                crate::net::NetMode::Tap(name) => NetBackend::Tap(open_tap(name)?),
+                crate::net::NetMode::Tap(name) => {
+                    (NetBackend::Tap(open_tap(name)?), Egress::default())
+                }
+                crate::net::NetMode::Macvtap(name) => {
+                    let (file, link_mac) = open_macvtap(name)?;
+                    mac = link_mac;
+                    (NetBackend::Tap(file), Egress::default())
+                }
             };
-            let net = Net::new(n.mac, backend)?;
+            let net = Net::new(mac, backend)?.with_egress(egress);
             dm.add_virtio(vm, mem, Arc::new(Mutex::new(net)))?;
         }
         if let Some(v) = &config.vsock {
@@ -258,6 +287,11 @@ impl DeviceManager {
         self.subscribers.push(dev);
         self.cmdline_entries
             .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        self.mmio_devices.push(MmioDevice {
+            base,
+            len: MMIO_WINDOW_SIZE,
+            gsi,
+        });
         Ok(())
     }
 }

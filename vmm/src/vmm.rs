@@ -54,6 +54,9 @@ pub enum VmmError {
 pub enum VmExit {
     /// The guest reset or powered off (i8042, or a KVM system event).
     GuestReset,
+    /// The guest powered off through ACPI (S5 on the sleep control
+    /// register).
+    GuestPowerOff,
     /// SIGTERM or SIGINT.
     Signal(i32),
     /// A vCPU halted with nothing to wake it.
@@ -66,16 +69,20 @@ impl VmExit {
     /// Process exit code: 0 for an orderly end, 1 for a guest failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::GuestReset | VmExit::Signal(_) | VmExit::GuestHalted => 0,
+            VmExit::GuestReset
+            | VmExit::GuestPowerOff
+            | VmExit::Signal(_)
+            | VmExit::GuestHalted => 0,
             VmExit::GuestError(_) => 1,
         }
     }
 }
 
-/// Watches the three ways a VM ends: guest reset, a vCPU thread ending, and
-/// SIGTERM/SIGINT.
+/// Watches the ways a VM ends: guest reset or ACPI poweroff, a vCPU thread
+/// ending, and SIGTERM/SIGINT.
 struct ExitWatcher {
     reset_evt: EventFd,
+    poweroff_evt: EventFd,
     vcpu_evt: EventFd,
     signal_evt: EventFd,
     vcpu_results: Receiver<VcpuResult>,
@@ -98,6 +105,9 @@ impl MutEventSubscriber for ExitWatcher {
         if fd == std::os::fd::AsRawFd::as_raw_fd(&self.reset_evt) {
             let _ = self.reset_evt.read();
             self.set(VmExit::GuestReset);
+        } else if fd == std::os::fd::AsRawFd::as_raw_fd(&self.poweroff_evt) {
+            let _ = self.poweroff_evt.read();
+            self.set(VmExit::GuestPowerOff);
         } else if fd == std::os::fd::AsRawFd::as_raw_fd(&self.signal_evt) {
             let _ = self.signal_evt.read();
             self.set(VmExit::Signal(
@@ -120,7 +130,12 @@ impl MutEventSubscriber for ExitWatcher {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for evt in [&self.reset_evt, &self.vcpu_evt, &self.signal_evt] {
+        for evt in [
+            &self.reset_evt,
+            &self.poweroff_evt,
+            &self.vcpu_evt,
+            &self.signal_evt,
+        ] {
             if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
                 tracing::error!("cannot watch an exit event: {e:?}");
             }
@@ -210,6 +225,11 @@ pub fn run(
         reset_evt: built
             .devices
             .reset_evt
+            .try_clone()
+            .map_err(VmmError::EventFd)?,
+        poweroff_evt: built
+            .devices
+            .poweroff_evt
             .try_clone()
             .map_err(VmmError::EventFd)?,
         vcpu_evt: vcpu_evt.try_clone().map_err(VmmError::EventFd)?,

@@ -77,6 +77,8 @@ pub enum Guest {
     Linux {
         /// vmlinux or bzImage.
         kernel: PathBuf,
+        /// Initial ramdisk, if the image has one.
+        initrd: Option<PathBuf>,
         /// ext4 root filesystem image (/dev/vda).
         rootfs: PathBuf,
         /// Kernel command line.
@@ -427,10 +429,14 @@ fn keystone_run(b: &BootBench, run: usize) -> Result<Sample, BenchError> {
         }
         Guest::Linux {
             kernel,
+            initrd,
             rootfs,
             cmdline,
         } => {
             let dir = scratch_dir()?;
+            if let Some(initrd) = initrd {
+                cmd.arg("--initrd").arg(initrd);
+            }
             let uds = dir.join("v.sock");
             listener = Some(ReadyListener::Unix(
                 UnixListener::bind(format!("{}_1024", uds.display()))
@@ -495,7 +501,14 @@ fn peer_run(
     let cmd = match (peer, &b.guest) {
         (Peer::Qemu(bin), guest) => {
             let mut c = Command::new(bin);
-            c.args(["-accel", "kvm", "-M", "microvm,acpi=off"])
+            // ACPI as the guest's command line asks: a stock kernel finds
+            // its devices in the tables (QEMU's, ours), a minimal one on
+            // the command line.
+            let acpi = match guest {
+                Guest::Linux { cmdline, .. } if !cmdline.contains("acpi=off") => "on",
+                _ => "off",
+            };
+            c.args(["-accel", "kvm", "-M", &format!("microvm,acpi={acpi}")])
                 // IA32_ARCH_CAPABILITIES cannot be set on some hosts (PVM)
                 .args(["-cpu", "host,-arch-capabilities"])
                 .args(["-m", &b.memory_mib.to_string()])
@@ -510,9 +523,13 @@ fn peer_run(
                 }
                 Guest::Linux {
                     kernel,
+                    initrd,
                     rootfs,
                     cmdline,
                 } => {
+                    if let Some(initrd) = initrd {
+                        c.arg("-initrd").arg(initrd);
+                    }
                     // The same kernel (PVH entry) and root filesystem on
                     // virtio-mmio, and vhost-vsock: the guest reports ready
                     // to the host's AF_VSOCK port 1024.

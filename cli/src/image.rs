@@ -53,6 +53,11 @@ pub struct Manifest {
     /// The guest runs sshd on vsock port 22 and sends the readiness line
     /// with its host key.
     pub ssh: bool,
+    /// Which kernel a Debian image boots: `stock` (Debian's own, found its
+    /// devices through ACPI) or `minimal` (compiled from linux-source);
+    /// absent for other builders and older images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_variant: Option<KernelVariant>,
 }
 
 /// Errors reading an image.
@@ -237,6 +242,7 @@ pub fn write_probe_image(dir: &Path) -> Result<Image, ImageError> {
         content_hash: content_hash([elf]),
         pvm_capable: true,
         ssh: false,
+        kernel_variant: None,
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::Write {
         path: dir.join(MANIFEST),
@@ -294,7 +300,33 @@ impl Builder {
     }
 }
 
-/// Debian's kernel source tarball, the kernel's one input from outside.
+/// Which kernel the Debian builder puts in the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelVariant {
+    /// Debian's `linux-image-amd64` from the mirror with an initramfs of
+    /// the modules the sandbox needs: nothing is compiled, the devices are
+    /// found through the VMM's ACPI tables.
+    #[default]
+    Stock,
+    /// Our own kernel from `linux-source-6.1` (`kernel/sandbox.config`):
+    /// everything built in, devices on the command line; the fastest boot,
+    /// a ~9 min first build on 2 cores and the kernel toolchain.
+    Minimal,
+}
+
+impl KernelVariant {
+    /// Its name in manifests and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelVariant::Stock => "stock",
+            KernelVariant::Minimal => "minimal",
+        }
+    }
+}
+
+/// Debian's kernel source tarball, the minimal kernel's one input from
+/// outside.
 pub const LINUX_SOURCE: &str = "/usr/src/linux-source-6.1.tar.xz";
 
 /// Errors building an image.
@@ -333,6 +365,8 @@ pub struct BuildOptions {
     pub force: bool,
     /// Cache root (images in `<root>/<hash>`, kernels in `<root>/../kernel`).
     pub cache: PathBuf,
+    /// The Debian builder's kernel.
+    pub kernel: KernelVariant,
 }
 
 impl Default for BuildOptions {
@@ -341,6 +375,7 @@ impl Default for BuildOptions {
             builder: Builder::auto(),
             force: false,
             cache: cache_root(),
+            kernel: KernelVariant::default(),
         }
     }
 }
@@ -460,19 +495,21 @@ fn read_versions(path: &Path) -> BTreeMap<String, String> {
 
 /// The image the current sources would build, from the cache, if present.
 pub fn cached(opts: &BuildOptions) -> Result<Option<Image>, BuildError> {
-    let hash = hash_for(opts.builder)?;
+    let hash = hash_for(opts.builder, opts.kernel)?;
     let dir = opts.cache.join(&hash);
     Ok(Image::load(&dir).ok())
 }
 
-fn hash_for(builder: Builder) -> Result<String, BuildError> {
-    let external = match builder {
-        Builder::Debian => source_digest(Path::new(LINUX_SOURCE)).map_err(|e| {
+fn hash_for(builder: Builder, kernel: KernelVariant) -> Result<String, BuildError> {
+    let external = match (builder, kernel) {
+        (Builder::Debian, KernelVariant::Minimal) => source_digest(Path::new(LINUX_SOURCE)).map_err(|e| {
             BuildError::Missing(format!(
-                "{LINUX_SOURCE}: {e} (apt-get install linux-source-6.1 flex bison bc libelf-dev libssl-dev debootstrap e2fsprogs gcc)"
+                "{LINUX_SOURCE}: {e} (apt-get install linux-source-6.1 flex bison bc libelf-dev libssl-dev debootstrap e2fsprogs gcc, or use the stock kernel)"
             ))
         })?,
-        Builder::Nix => Vec::new(),
+        // The mirror's current kernel package, as the rootfs's packages.
+        (Builder::Debian, KernelVariant::Stock) => b"stock-kernel".to_vec(),
+        (Builder::Nix, _) => Vec::new(),
     };
     Ok(inputs_hash(builder, sources(), &external))
 }
@@ -481,7 +518,7 @@ fn hash_for(builder: Builder) -> Result<String, BuildError> {
 /// it. Progress goes to stderr, stage by stage with elapsed times.
 pub fn build(opts: &BuildOptions) -> Result<Image, BuildError> {
     let t0 = std::time::Instant::now();
-    let hash = hash_for(opts.builder)?;
+    let hash = hash_for(opts.builder, opts.kernel)?;
     let dest = opts.cache.join(&hash);
     std::fs::create_dir_all(&opts.cache).map_err(|source| ImageError::Write {
         path: opts.cache.clone(),
@@ -494,9 +531,13 @@ pub fn build(opts: &BuildOptions) -> Result<Image, BuildError> {
         if let Ok(img) = Image::load(&dest) {
             set_current(&opts.cache, &hash)?;
             eprintln!(
-                "image: {} (cached, {})",
+                "image: {} (cached, {}{})",
                 dest.display(),
-                opts.builder.name()
+                opts.builder.name(),
+                img.manifest
+                    .kernel_variant
+                    .map(|k| format!(", {} kernel", k.name()))
+                    .unwrap_or_default()
             );
             return Ok(img);
         }
@@ -522,7 +563,10 @@ pub fn build(opts: &BuildOptions) -> Result<Image, BuildError> {
             dest.display()
         );
         let manifest = match opts.builder {
-            Builder::Debian => build_debian(&src, &stage, &opts.cache, &hash)?,
+            Builder::Debian => match opts.kernel {
+                KernelVariant::Minimal => build_debian(&src, &stage, &opts.cache, &hash)?,
+                KernelVariant::Stock => build_debian_stock(&src, &stage, &hash)?,
+            },
             Builder::Nix => build_nix(&src, &stage, &hash)?,
         };
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::Write {
@@ -568,6 +612,34 @@ fn set_current(cache: &Path, hash: &str) -> Result<(), ImageError> {
 /// own parameters).
 pub const DEBIAN_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off acpi=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd root=/dev/vda ro rootfstype=ext4 init=/usr/lib/keystone/init quiet";
 
+/// Kernel command line of the Debian image with the stock kernel: ACPI on
+/// (it finds the devices there), modules from the initramfs.
+pub const DEBIAN_STOCK_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda ro rootfstype=ext4 init=/usr/lib/keystone/init quiet";
+
+fn build_debian_stock(src: &Path, stage: &Path, hash: &str) -> Result<Manifest, BuildError> {
+    run_step(
+        "root filesystem and stock kernel (debootstrap, linux-image-amd64)",
+        as_root(&src.join("debian/build-rootfs.sh"))
+            .arg("--stock-kernel")
+            .arg(stage),
+    )?;
+    let versions = read_versions(&stage.join("versions"));
+    let _ = std::fs::remove_file(stage.join("versions"));
+    Ok(Manifest {
+        format: FORMAT,
+        builder: Builder::Debian.name().into(),
+        kernel: "vmlinuz".into(),
+        rootfs: Some("rootfs.ext4".into()),
+        initrd: Some("initrd.img".into()),
+        cmdline: DEBIAN_STOCK_CMDLINE.into(),
+        versions,
+        content_hash: hash.to_string(),
+        pvm_capable: false,
+        ssh: true,
+        kernel_variant: Some(KernelVariant::Stock),
+    })
+}
+
 fn build_debian(
     src: &Path,
     stage: &Path,
@@ -608,6 +680,7 @@ fn build_debian(
         content_hash: hash.to_string(),
         pvm_capable: false,
         ssh: true,
+        kernel_variant: Some(KernelVariant::Minimal),
     })
 }
 
@@ -647,6 +720,7 @@ fn build_nix(src: &Path, stage: &Path, hash: &str) -> Result<Manifest, BuildErro
         content_hash: hash.to_string(),
         pvm_capable: false,
         ssh: true,
+        kernel_variant: None,
     })
 }
 
@@ -703,6 +777,105 @@ mod tests {
     }
 
     #[test]
+    fn the_kernel_variant_is_recorded_and_older_manifests_read_without_it() {
+        let m = Manifest {
+            format: FORMAT,
+            builder: "debian".into(),
+            kernel: "vmlinuz".into(),
+            rootfs: Some("rootfs.ext4".into()),
+            initrd: Some("initrd.img".into()),
+            cmdline: DEBIAN_STOCK_CMDLINE.into(),
+            versions: BTreeMap::new(),
+            content_hash: "h".into(),
+            pvm_capable: false,
+            ssh: true,
+            kernel_variant: Some(KernelVariant::Stock),
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.contains(r#""kernel_variant":"stock""#), "{json}");
+        assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap(), m);
+        let old = json.replace(r#","kernel_variant":"stock""#, "");
+        let m_old: Manifest = serde_json::from_str(&old).unwrap();
+        assert_eq!(m_old.kernel_variant, None);
+        // The stock kernel's command line lets it use ACPI and modules.
+        assert!(!DEBIAN_STOCK_CMDLINE.contains("acpi=off"));
+        assert!(!DEBIAN_STOCK_CMDLINE.contains("nomodule"));
+        assert!(DEBIAN_CMDLINE.contains("acpi=off"));
+    }
+
+    /// build-initramfs.sh on this machine's own Debian kernel (the lane's
+    /// `linux-image-amd64`): the contract's modules, dependencies first,
+    /// a console node and the init, in a cpio the kernel can unpack.
+    #[test]
+    fn the_stock_initramfs_holds_the_contract_modules_in_dependency_order() {
+        let kver = std::fs::read_dir("/lib/modules")
+            .expect("/lib/modules: this test needs a Debian kernel installed (apt-get install linux-image-amd64)")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("modules.dep").exists() && p.join("kernel/drivers/virtio/virtio_mmio.ko").exists())
+            .expect("a kernel in /lib/modules with virtio_mmio as a module (linux-image-amd64)");
+        let kver = kver.file_name().unwrap().to_string_lossy().into_owned();
+        let busybox = Path::new("/bin/busybox");
+        assert!(busybox.exists(), "this test needs busybox-static");
+        let out = std::env::temp_dir().join(format!("ks-initrd-{}.img", std::process::id()));
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-image/debian/build-initramfs.sh");
+        let st = std::process::Command::new(&script)
+            .args(["/", &kver])
+            .arg(busybox)
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success(), "build-initramfs.sh failed");
+        let list = std::process::Command::new(busybox)
+            .args(["cpio", "-t"])
+            .stdin(std::fs::File::open(&out).unwrap())
+            .output()
+            .unwrap();
+        let names = String::from_utf8_lossy(&list.stdout).into_owned();
+        for want in [
+            "init",
+            "dev/console",
+            "bin/busybox",
+            "modules.order",
+            "lib/modules/virtio_mmio.ko",
+            "lib/modules/ext4.ko",
+            "lib/modules/vmw_vsock_virtio_transport.ko",
+            "lib/modules/overlay.ko",
+        ] {
+            assert!(
+                names.lines().any(|l| l == want),
+                "{want} missing from the initramfs: {names}"
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("ks-initrd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = std::process::Command::new(busybox)
+            .args(["cpio", "-i", "modules.order"])
+            .current_dir(&dir)
+            .stdin(std::fs::File::open(&out).unwrap())
+            .output()
+            .unwrap();
+        assert!(st.status.success());
+        let order = std::fs::read_to_string(dir.join("modules.order")).unwrap();
+        let pos = |m: &str| {
+            order
+                .lines()
+                .position(|l| l == m)
+                .unwrap_or_else(|| panic!("{m} not in modules.order: {order}"))
+        };
+        assert!(
+            pos("virtio_ring.ko") < pos("virtio_mmio.ko")
+                && pos("virtio.ko") < pos("virtio_mmio.ko")
+        );
+        assert!(pos("jbd2.ko") < pos("ext4.ko") && pos("mbcache.ko") < pos("ext4.ko"));
+        assert!(pos("vsock.ko") < pos("vmw_vsock_virtio_transport.ko"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(&out);
+    }
+
+    #[test]
     fn embedded_sources_cover_both_builders() {
         let names: Vec<&str> = sources().iter().map(|s| s.0).collect();
         for needed in [
@@ -714,6 +887,8 @@ mod tests {
             "rootfs/etc/systemd/system/keystone-sshd.socket",
             "rootfs-src/boot-timer.c",
             "flake.nix",
+            "debian/build-initramfs.sh",
+            "debian/initramfs/init",
         ] {
             assert!(names.contains(&needed), "{needed} not embedded: {names:?}");
         }

@@ -1,6 +1,8 @@
 //! `keystone agent` timings with the real Linux guest on keystone-vmm:
-//! first and warm `start --no-attach` to ready, `exec -- true` round trip,
-//! `sync` of 10 new commits and `stop`, beside the seed's targets. Needs
+//! first and warm `start --no-attach` to ready, `exec -- true` round trip
+//! and `sync` of 10 new commits, each through the sandbox's SSH master and
+//! on a fresh connection (`KEYSTONE_SSH_MASTER=off`) in the same run, and
+//! `stop`, beside the seed's targets. Needs
 //! hardware KVM: on this project's PVM machines it runs in the nested
 //! real-KVM lane (`benches/lane/run`), where the CPU is software-emulated and
 //! absolute times are inflated.
@@ -17,8 +19,17 @@ use std::time::Instant;
 use agent::{code, start_args, Project, World};
 
 fn timed(p: &Project, args: &[&str]) -> f64 {
+    timed_with(p, args, false)
+}
+
+/// `timed`, on a fresh SSH connection when `fresh` (no master).
+fn timed_with(p: &Project, args: &[&str], fresh: bool) -> f64 {
+    let mut c = p.cmd(args);
+    if fresh {
+        c.env("KEYSTONE_SSH_MASTER", "off");
+    }
     let t = Instant::now();
-    let out = p.cmd(args).output().expect("run keystone");
+    let out = c.output().expect("run keystone");
     let s = t.elapsed().as_secs_f64();
     assert_eq!(
         code(&out),
@@ -50,28 +61,33 @@ fn main() {
     let first = timed(&p, &start);
     timed(&p, &["agent", "stop"]);
     let warm = timed(&p, &start);
-    let exec: Vec<f64> = (0..execs)
-        .map(|_| timed(&p, &["agent", "exec", "--", "true"]))
-        .collect();
-    timed(
-        &p,
-        &[
-            "agent",
-            "exec",
-            "--",
-            "sh",
-            "-c",
-            "for i in 1 2 3 4 5 6 7 8 9 10; do echo $i >> n.txt; git add n.txt; \
-             git -c user.name=B -c user.email=b@b commit -q -m \"bench $i\"; done",
-        ],
-    );
-    let sync = timed(&p, &["agent", "sync"]);
-    assert_eq!(
-        p.git(&["rev-list", "--count", "HEAD"]),
-        "11",
-        "10 commits synced"
-    );
+    let exec_with = |fresh: bool| -> Vec<f64> {
+        (0..execs)
+            .map(|_| timed_with(&p, &["agent", "exec", "--", "true"], fresh))
+            .collect()
+    };
+    // Alternated, so drift in the lane's speed hits both alike.
+    let (mut exec, mut exec_fresh) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        exec.extend(exec_with(false));
+        exec_fresh.extend(exec_with(true));
+    }
+    let ten_commits = "for i in 1 2 3 4 5 6 7 8 9 10; do echo $i >> n.txt; git add n.txt; \
+         git -c user.name=B -c user.email=b@b commit -q -m \"bench $i\"; done";
+    let sync_of_ten = |fresh: bool, total: &str| {
+        timed(&p, &["agent", "exec", "--", "sh", "-c", ten_commits]);
+        let s = timed_with(&p, &["agent", "sync"], fresh);
+        assert_eq!(
+            p.git(&["rev-list", "--count", "HEAD"]),
+            total,
+            "10 commits synced"
+        );
+        s
+    };
+    let sync_fresh = sync_of_ten(true, "11");
+    let sync = sync_of_ten(false, "21");
     let stop = timed(&p, &["agent", "stop"]);
+    let (exec, exec_fresh) = (median(exec), median(exec_fresh));
 
     println!(
         "\nkeystone agent on keystone-vmm ({}), {vcpus} vCPU(s), 2048 MiB",
@@ -82,9 +98,18 @@ fn main() {
     println!("| first start --no-attach (new disk) | {first:.2} | |");
     println!("| warm start --no-attach to ready | {warm:.2} | < 30 |");
     println!(
-        "| exec -- true (median of {execs}) | {:.3} | < 0.5 |",
-        median(exec)
+        "| exec -- true, SSH master (median of {}) | {exec:.3} | < 0.5 |",
+        2 * execs
     );
-    println!("| sync of 10 new commits | {sync:.2} | < 5 |");
+    println!(
+        "| exec -- true, fresh connection (median of {}) | {exec_fresh:.3} | |",
+        2 * execs
+    );
+    println!(
+        "| exec ratio master / fresh | {:.3} | <= 0.1 |",
+        exec / exec_fresh
+    );
+    println!("| sync of 10 new commits, SSH master | {sync:.2} | < 5 |");
+    println!("| sync of 10 new commits, fresh connections | {sync_fresh:.2} | |");
     println!("| stop (guest poweroff) | {stop:.2} | |");
 }

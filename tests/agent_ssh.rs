@@ -83,6 +83,106 @@ fn agent_sandbox_over_ssh_and_git() {
         );
     }
 
+    // One SSH master carries the commands; `start` made it, checking the
+    // pinned host key then. exec rides it: with the ProxyCommand broken
+    // (KEYSTONE_CLI names nothing) it still works, and without the master
+    // (KEYSTONE_SSH_MASTER=off) it cannot connect.
+    let state = world
+        .root
+        .join("config/keystone/agent/sandboxes/proj/state");
+    let (sock, pid1) = ssh_master(&state).expect("start opened an SSH master");
+    let broken = |off: bool, args: &[&str]| {
+        let mut c = w.cmd(args);
+        c.env("KEYSTONE_CLI", "/nonexistent/keystone");
+        if off {
+            c.env("KEYSTONE_SSH_MASTER", "off");
+        }
+        c.output().unwrap()
+    };
+    let out = broken(
+        false,
+        &["agent", "exec", "proj", "--", "echo", "via-master"],
+    );
+    assert_eq!((code(&out), stdout(&out).trim()), (0, "via-master"));
+    let out = broken(
+        false,
+        &["agent", "exec", "proj", "--", "sh", "-c", "exit 9"],
+    );
+    assert_eq!(code(&out), 9, "exit code through the master");
+    let out = broken(true, &["agent", "exec", "proj", "--", "true"]);
+    assert_eq!(code(&out), 255, "no master, no proxy: no connection");
+    // A non-interactive exec starts no ssh at all (none on PATH here): it
+    // hands its stdin/stdout/stderr to the master over the control socket,
+    // and they stream as before.
+    let mut c = w.cmd(&[
+        "agent",
+        "exec",
+        "proj",
+        "--",
+        "sh",
+        "-c",
+        "cat; echo to-stderr >&2; exit 4",
+    ]);
+    c.env("PATH", "/nonexistent")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"streamed in\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        (
+            code(&out),
+            stdout(&out).as_str(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        (4, "streamed in\n", "to-stderr"),
+        "exec through the mux protocol, no ssh process"
+    );
+    // A killed master is made again by the next command: one, for two
+    // commands at once, under the same (pinned-key) socket.
+    // SAFETY: kill(2) with a pid read from the master's own report.
+    assert_eq!(unsafe { libc::kill(pid1 as i32, libc::SIGKILL) }, 0);
+    wait_until("the killed master to go", Duration::from_secs(10), || {
+        ssh_master(&state).is_none()
+    });
+    let both: Vec<_> = ["A", "B"]
+        .iter()
+        .map(|tag| {
+            w.cmd(&[
+                "agent",
+                "exec",
+                "proj",
+                "--",
+                "sh",
+                "-c",
+                &format!("sleep 1; echo {tag}"),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = both
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    assert_eq!((code(&outs[0]), stdout(&outs[0]).trim()), (0, "A"));
+    assert_eq!((code(&outs[1]), stdout(&outs[1]).trim()), (0, "B"));
+    let (sock2, pid2) = ssh_master(&state).expect("the master was made again");
+    assert_eq!(sock2, sock);
+    assert_ne!(pid2, pid1);
+    assert_eq!(
+        masters_running(&sock),
+        1,
+        "one master for concurrent commands"
+    );
+
     // sync: nothing, then dry run, then a real fast-forward.
     let host_head = w.git(&["rev-parse", "HEAD"]);
     assert_eq!(code(&w.run(&["agent", "sync"])), 2, "nothing to sync");
@@ -255,6 +355,15 @@ fn agent_sandbox_over_ssh_and_git() {
     let st: serde_json::Value =
         serde_json::from_slice(&w.run(&["agent", "status", "--json"]).stdout).unwrap();
     assert_eq!(st["status"], "stopped", "{st}");
+    wait_until(
+        "the master to end with the VM",
+        Duration::from_secs(15),
+        || masters_running(&sock) == 0,
+    );
+    assert!(
+        !sock.exists() && ssh_master(&state).is_none(),
+        "a master outlived its VM"
+    );
 
     // Second boot on the same disk, auto-commit sync: state persisted, and a
     // guest commit arrives on the host without asking.
@@ -278,4 +387,39 @@ fn agent_sandbox_over_ssh_and_git() {
         w.head_subject() == "guest five"
     });
     assert_eq!(code(&w.run(&["agent", "stop"])), 0);
+}
+
+/// The sandbox's SSH master: its control socket in `state` and the pid
+/// `ssh -O check` reports, when one answers.
+fn ssh_master(state: &std::path::Path) -> Option<(std::path::PathBuf, u32)> {
+    let sock = std::fs::read_dir(state)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("mux-"))
+        })?;
+    let out = Command::new("ssh")
+        .args(["-F", "/dev/null", "-o"])
+        .arg(format!("ControlPath={}", sock.display()))
+        .args(["-O", "check", "keystone-proj"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    let pid = text.split("pid=").nth(1)?.split(')').next()?.parse().ok()?;
+    out.status.success().then_some((sock, pid))
+}
+
+/// How many master processes serve `sock`.
+fn masters_running(sock: &std::path::Path) -> usize {
+    let out = Command::new("pgrep")
+        .args(["-f", "--"])
+        .arg(format!(
+            "ControlMaster=yes -o ControlPath={}",
+            sock.display()
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
 }

@@ -2,9 +2,9 @@
 //!
 //! In layers, each module importing only those below it:
 //!
-//! 1. [`disk`] (the persistent disk and the host-side git it needs) and
+//! 1. [`disk`] (the persistent disk and the host-side git it needs),
 //!    [`state`] (the registry `sandboxes.json`, each sandbox's files, the
-//!    lookups);
+//!    lookups) and [`logs`] (bounded, rotating sandbox logs);
 //! 2. the VMM process: [`vmm_process`] (the keystone-vmm argv and the one
 //!    place the guest command line is built, spawning the supervisor,
 //!    stopping processes, boot logs) and [`supervisor`] (the per-sandbox
@@ -20,6 +20,8 @@
 pub mod cli;
 pub mod disk;
 pub mod lifecycle;
+pub mod logs;
+pub mod mux;
 pub mod remote;
 pub mod session;
 pub mod ssh;

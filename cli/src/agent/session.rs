@@ -9,7 +9,8 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use super::ssh::{self, SshError, Target, UserKey};
-use super::state::{format_time, now, Sandbox, Status, SyncMode};
+use super::state::{Sandbox, Status, SyncMode};
+use super::supervisor::guest_log;
 use super::sync::{self, Outcome};
 use super::AgentError;
 
@@ -95,8 +96,14 @@ pub fn run_sync(s: &Sandbox, o: SyncOptions) -> Result<SyncReport, AgentError> {
     } else if dry_run {
         text.push_str("Dry run: nothing fetched, nothing changed.\n");
     } else {
-        match sync::fetch_and_fast_forward(&t, &key, &s.project_path, allow_executable)
-            .map_err(serr)?
+        match sync::fetch_and_fast_forward(
+            &t,
+            &key,
+            &s.project_path,
+            &pending.refs,
+            allow_executable,
+        )
+        .map_err(serr)?
         {
             Outcome::Synced { to: Some(to) } => {
                 text.push_str(&format!(
@@ -250,10 +257,15 @@ pub fn idle_watch(s: Sandbox, stop: &std::sync::atomic::AtomicBool) {
             continue;
         };
         if timer.observe(changed, Instant::now()) {
-            let when = format_time(now());
-            auto_sync(&s, "auto-idle", &when, true);
+            auto_sync(&s, "auto-idle", true);
         }
     }
+}
+
+/// Opens `s`'s SSH master (see [`ssh::master`]) once the guest is ready, so
+/// the first `exec` or `attach` already rides it. True when it is up.
+pub fn open_master(s: &Sandbox) -> bool {
+    key_for(s).is_ok_and(|key| ssh::master(&target(s), &key).is_some())
 }
 
 /// Attaches the user's terminal to the running `s` (an interactive SSH
@@ -284,17 +296,16 @@ pub fn sync_before_stop(s: &Sandbox) -> Result<(), AgentError> {
 /// one call at a time, from the notify listener's thread: `auto-commit`
 /// pulls now; `auto-idle` leaves it to the idle timer.
 pub fn on_guest_commit(s: &Sandbox) {
-    let when = format_time(now());
-    eprintln!(
-        "{when} supervisor: guest commit in sandbox {} (sync mode {})",
+    guest_log(format_args!(
+        "guest commit in sandbox {} (sync mode {})",
         s.name,
         s.sync_mode.as_str()
-    );
+    ));
     if s.sync_mode != SyncMode::AutoCommit {
         return;
     }
     if !s.image.as_ref().is_some_and(|i| i.ssh) {
-        eprintln!("{when} supervisor: the image has no SSH: nothing to sync");
+        guest_log("the image has no SSH: nothing to sync");
         return;
     }
     // A guest may ping in a loop: at most one sync every few seconds, and
@@ -309,19 +320,22 @@ pub fn on_guest_commit(s: &Sandbox) {
         }
         *last = Some(Instant::now());
     }
-    auto_sync(s, "auto-commit", &when, false);
+    auto_sync(s, "auto-commit", false);
 }
 
-/// One automatic sync (never over host-executable changes), reported on
-/// the supervisor's stderr; "nothing to sync" is silent when `quiet`.
-fn auto_sync(s: &Sandbox, mode: &str, when: &str, quiet: bool) {
+/// One automatic sync (never over host-executable changes), reported in
+/// the supervisor's log as a guest-triggered line; "nothing to sync" is
+/// silent when `quiet`.
+fn auto_sync(s: &Sandbox, mode: &str, quiet: bool) {
     match run_sync(s, SyncOptions::default()) {
         Ok(r) if quiet && r.code == sync::exit::NOTHING => {}
-        Ok(r) => eprintln!(
-            "{when} supervisor: {mode} sync of {} (exit {}):\n{}",
-            s.name, r.code, r.text
-        ),
-        Err(e) => eprintln!("{when} supervisor: {mode} sync of {} failed: {e}", s.name),
+        Ok(r) => guest_log(format_args!(
+            "{mode} sync of {} (exit {}):\n{}",
+            s.name,
+            r.code,
+            r.text.trim_end()
+        )),
+        Err(e) => guest_log(format_args!("{mode} sync of {} failed: {e}", s.name)),
     }
 }
 

@@ -169,6 +169,7 @@ impl Block {
                 descs: Vec::with_capacity(MAX_CHAIN_DESCS + 1),
                 guest_errors: std::array::from_fn(|_| LogOnce::new()),
                 host_error: LogOnce::new(),
+                ranged: 0,
             },
             activation: Activation::new(QUEUE_SIZE).map_err(BlockError::EventFd)?,
             broken: false,

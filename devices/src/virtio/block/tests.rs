@@ -3,6 +3,8 @@
 
 use super::*;
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -46,9 +48,12 @@ struct Image(PathBuf);
 
 impl Image {
     fn new(size: u64) -> Image {
+        Image::new_in(&std::env::temp_dir(), size)
+    }
+
+    fn new_in(dir: &Path, size: u64) -> Image {
         let n = NEXT_IMAGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("keystone-blk-{}-{n}.img", std::process::id()));
+        let path = dir.join(format!("keystone-blk-{}-{n}.img", std::process::id()));
         let f = File::create(&path).unwrap();
         f.set_len(size).unwrap();
         Image(path)
@@ -1023,4 +1028,63 @@ fn event_loop_activates_and_serves_the_queue() {
     blk.lock().unwrap().reset();
     activate(&mut blk.lock().unwrap(), &mem, &vq);
     em.run_with_timeout(100).unwrap();
+}
+
+#[test]
+fn write_zeroes_on_tmpfs_is_a_hole_and_counts_its_ranges_against_the_budget() {
+    // tmpfs has no FALLOC_FL_ZERO_RANGE. One request of 32 overlapping
+    // 2 GiB segments must neither make the device write 64 GiB of zeros nor
+    // be counted as the 529 bytes of its descriptors.
+    let dir = Path::new("/dev/shm");
+    // SAFETY: statfs only writes into the zeroed struct passed to it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new("/dev/shm").unwrap();
+    // SAFETY: `c` is NUL-terminated and `st` is a valid statfs.
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+    assert_eq!(
+        st.f_type,
+        libc::TMPFS_MAGIC as _,
+        "this test needs tmpfs at /dev/shm"
+    );
+    let size = u64::from(MAX_WRITE_ZEROES_SECTORS) * SECTOR_SIZE;
+    let img = Image::new_in(dir, size);
+    let mem = guest_mem();
+    let mut h = Harness::new(&mem, &img, false);
+    let mut segs = Vec::new();
+    for _ in 0..MAX_WRITE_ZEROES_SEG {
+        segs.extend_from_slice(&0u64.to_le_bytes());
+        segs.extend_from_slice(&MAX_WRITE_ZEROES_SECTORS.to_le_bytes());
+        segs.extend_from_slice(&0u32.to_le_bytes());
+    }
+    h.put(DATA, &segs);
+    h.write_header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    h.vq.add_desc_chains(
+        &[
+            RawDescriptor::from(SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
+            RawDescriptor::from(SplitDescriptor::new(
+                DATA,
+                segs.len() as u32,
+                VRING_DESC_F_NEXT as u16,
+                2,
+            )),
+            RawDescriptor::from(SplitDescriptor::new(
+                STATUS,
+                1,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )),
+        ],
+        0,
+    )
+    .unwrap();
+    // The same request twice.
+    publish_heads(&mem, &h.vq, QUEUE_SIZE, 1);
+    assert!(h.blk.process_queue());
+    assert_eq!(h.used_idx(), 1, "one 64 GiB request ends the wake-up");
+    assert_eq!(h.status(), OK);
+    assert_eq!(h.blk.activation.queue_evt(0).read().unwrap(), 1, "re-armed");
+    let blocks = std::fs::metadata(&img.0).unwrap().blocks();
+    assert_eq!(blocks, 0, "zeros were written instead of a hole");
+    assert!(h.blk.process_queue());
+    assert_eq!(h.used_idx(), 2);
 }

@@ -128,6 +128,58 @@ pub fn open_tap(name: &str) -> Result<File, NetError> {
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open("/dev/net/tun")
         .map_err(NetError::TapOpen)?;
+    configure_tap(file, name)
+}
+
+/// Opens the macvtap link `name` through its character device
+/// (`/dev/tap<ifindex>`, which devtmpfs or udev makes) and sets it up as
+/// [`open_tap`] does a tap. Returns the fd and the link's MAC address: a
+/// macvtap passes the guest only frames for that address, so the guest's
+/// NIC must have it.
+pub fn open_macvtap(name: &str) -> Result<(File, [u8; 6]), NetError> {
+    if !valid_tap_name(name) {
+        return Err(NetError::TapName(name.to_string()));
+    }
+    let sys = std::path::Path::new("/sys/class/net").join(name);
+    if !sys.exists() {
+        return Err(NetError::NoLink(name.to_string()));
+    }
+    if !sys.join("macvtap").is_dir() {
+        return Err(NetError::NotMacvtap(name.to_string()));
+    }
+    let read = |f: &str| std::fs::read_to_string(sys.join(f)).unwrap_or_default();
+    let not_macvtap = || NetError::NotMacvtap(name.to_string());
+    let ifindex: u32 = read("ifindex").trim().parse().map_err(|_| not_macvtap())?;
+    let mac = parse_link_mac(read("address").trim()).ok_or_else(not_macvtap)?;
+    let path = std::path::PathBuf::from(format!("/dev/tap{ifindex}"));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|source| NetError::MacvtapOpen {
+            name: name.to_string(),
+            path,
+            source,
+        })?;
+    Ok((configure_tap(file, name)?, mac))
+}
+
+/// `aa:bb:cc:dd:ee:ff` as sysfs prints a link's address.
+fn parse_link_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for m in mac.iter_mut() {
+        let p = parts.next().filter(|p| p.len() == 2)?;
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, the 12-byte vnet header, no
+/// offloads, on a tap or macvtap fd (macvtap takes the same three ioctls
+/// and ignores the name).
+fn configure_tap(file: File, name: &str) -> Result<File, NetError> {
     let fd = file.as_raw_fd();
     let fail = |op: &'static str| NetError::TapIoctl {
         name: name.to_string(),
@@ -145,7 +197,7 @@ pub fn open_tap(name: &str) -> Result<File, NetError> {
     // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `ifr` is a
     // properly sized (40 bytes, as large as the kernel's struct on any
     // Linux target), initialized, exclusively borrowed one that lives for
-    // the call, and `fd` is an open /dev/net/tun fd.
+    // the call, and `fd` is an open /dev/net/tun or /dev/tapN fd.
     if unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut ifr as *mut IfReq) } < 0 {
         return Err(fail("TUNSETIFF"));
     }

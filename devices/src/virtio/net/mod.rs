@@ -52,10 +52,13 @@ use super::ring_has_more;
 use super::{ActivateContext, ActivateError, LogOnce, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
 
 mod backend;
+mod egress;
 #[cfg(test)]
 mod tests;
 
-pub use backend::{open_tap, NetBackend};
+pub use backend::{open_macvtap, open_tap, NetBackend};
+pub use egress::Egress;
+use egress::Refusal;
 
 /// Receive queue index.
 pub const RXQ: usize = 0;
@@ -106,6 +109,22 @@ pub enum NetError {
     /// `/dev/net/tun` could not be opened.
     #[error("cannot open /dev/net/tun: {0}")]
     TapOpen(io::Error),
+    /// No network interface of that name (for `macvtap=`).
+    #[error("no network interface {0}: create the macvtap link first, e.g. `ip link add link eth0 name {0} type macvtap mode bridge && ip link set {0} up` (needs CAP_NET_ADMIN)")]
+    NoLink(String),
+    /// The interface exists but is not a macvtap link.
+    #[error("{0} is not a macvtap link (no /sys/class/net/{0}/macvtap): create one with `ip link add link <parent> name <name> type macvtap mode bridge`")]
+    NotMacvtap(String),
+    /// The macvtap character device could not be opened.
+    #[error("cannot open {path} for macvtap {name}: {source} (it needs root or read-write access to that device)")]
+    MacvtapOpen {
+        /// The interface name.
+        name: String,
+        /// `/dev/tap<ifindex>`.
+        path: std::path::PathBuf,
+        /// Why.
+        source: io::Error,
+    },
     /// A tap ioctl failed.
     #[error("cannot set up tap {name}: {op}: {source}")]
     TapIoctl {
@@ -159,10 +178,14 @@ enum GuestError {
     ChainTooLong,
     /// An avail ring entry names a descriptor beyond the queue.
     BadHead,
+    /// A TX frame to a loopback or "this host" address ([`egress`]).
+    TxToHostItself,
+    /// A TX frame to a DNS-only address, not to port 53 ([`Egress`]).
+    TxNotDns,
 }
 
 impl GuestError {
-    const COUNT: usize = GuestError::BadHead as usize + 1;
+    const COUNT: usize = GuestError::TxNotDns as usize + 1;
 
     fn describe(self) -> &'static str {
         match self {
@@ -176,6 +199,12 @@ impl GuestError {
             GuestError::BadAddress => "buffer outside guest memory",
             GuestError::ChainTooLong => "descriptor chain too long",
             GuestError::BadHead => "avail ring entry beyond the queue (dropped)",
+            GuestError::TxToHostItself => {
+                "TX frame to a loopback or this-host address (dropped: the host's loopback is not the guest's)"
+            }
+            GuestError::TxNotDns => {
+                "TX frame to the gateway other than DNS (dropped: the gateway leads to the host's loopback, where only its resolver is the guest's)"
+            }
         }
     }
 }
@@ -245,6 +274,7 @@ enum ReadOutcome {
 /// The virtio-net device.
 pub struct Net {
     mac: [u8; 6],
+    egress: Egress,
     link: Link,
     tx: Tx,
     rx: Rx,
@@ -267,6 +297,7 @@ impl Net {
         backend.set_nonblocking().map_err(NetError::Backend)?;
         Ok(Net {
             mac,
+            egress: Egress::default(),
             link: Link {
                 backend: Some(backend),
                 graveyard: None,
@@ -303,6 +334,12 @@ impl Net {
     /// The guest's MAC address.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// What the guest may send (loopback destinations are always refused).
+    pub fn with_egress(mut self, egress: Egress) -> Net {
+        self.egress = egress;
+        self
     }
 
     /// Traffic counters.
@@ -474,7 +511,17 @@ impl Net {
             }
             let res = self
                 .collect_chain(chain)
-                .and_then(|()| self.gather_tx(&mem));
+                .and_then(|()| self.gather_tx(&mem))
+                .and_then(|len| {
+                    match self
+                        .egress
+                        .check(&self.tx.buf[VNET_HDR_LEN..VNET_HDR_LEN + len])
+                    {
+                        Ok(()) => Ok(len),
+                        Err(Refusal::HostItself) => Err(GuestError::TxToHostItself),
+                        Err(Refusal::NotDns) => Err(GuestError::TxNotDns),
+                    }
+                });
             let mut blocked = false;
             match res {
                 Ok(frame_len) => {

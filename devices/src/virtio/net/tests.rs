@@ -338,6 +338,73 @@ fn rx_without_buffers_leaves_frames_in_the_socket() {
 }
 
 #[test]
+fn tx_frames_to_the_hosts_loopback_are_dropped() {
+    // A guest with a raw socket addressing 127.0.0.1 or ::1: passt would
+    // deliver it from the host's own sockets.
+    let mut h = Harness::new();
+    let ip_frame = |ethertype: [u8; 2], dst: &[u8], dst_at: usize| {
+        let mut f = frame(90, 4);
+        f[12..14].copy_from_slice(&ethertype);
+        f[14] = if ethertype == [0x08, 0x00] {
+            0x45
+        } else {
+            0x60
+        };
+        f[14 + dst_at..14 + dst_at + dst.len()].copy_from_slice(dst);
+        f
+    };
+    let lo4 = ip_frame([0x08, 0x00], &[127, 0, 0, 1], 16);
+    let lo6 = ip_frame([0x86, 0xdd], &std::net::Ipv6Addr::LOCALHOST.octets(), 24);
+    let out4 = ip_frame([0x08, 0x00], &[10, 0, 0, 1], 16);
+    h.queue_tx(&[0; 12], &lo4, 4096);
+    h.queue_tx(&[0; 12], &lo6, 4096);
+    h.queue_tx(&[0; 12], &out4, 4096);
+    h.net.process_tx();
+    assert_eq!(h.peer_frame(), out4, "only the frame to 10.0.0.1 goes out");
+    assert_eq!(peek_len(h.peer.as_raw_fd()), 0);
+    for _ in 0..3 {
+        assert_eq!(h.txq.pop_used(&h.mem).map(|u| u.1), Some(0));
+    }
+    let c = h.net.counters();
+    assert_eq!((c.tx_frames, c.tx_dropped), (1, 2));
+    assert!(logged(
+        &h.net.guest_errors[GuestError::TxToHostItself as usize]
+    ));
+}
+
+#[test]
+fn tx_frames_to_a_dns_only_gateway_go_out_for_port_53_alone() {
+    // passt maps its gateway to the host's loopback (the host's resolver is
+    // there): the VMM lets DNS through and nothing else.
+    let mut h = Harness::new();
+    let gw = [192, 0, 2, 1];
+    h.net.egress = Egress::dns_only(vec![std::net::IpAddr::from(gw)]);
+    let to_gw = |proto: u8, port: u16| {
+        let mut f = frame(90, 4);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[14 + 6..14 + 8].fill(0);
+        f[14 + 9] = proto;
+        f[14 + 16..14 + 20].copy_from_slice(&gw);
+        f[34 + 2..34 + 4].copy_from_slice(&port.to_be_bytes());
+        f
+    };
+    let ssh = to_gw(6, 22);
+    let dns = to_gw(17, 53);
+    h.queue_tx(&[0; 12], &ssh, 4096);
+    h.queue_tx(&[0; 12], &dns, 4096);
+    h.net.process_tx();
+    assert_eq!(h.peer_frame(), dns, "only the DNS query goes out");
+    assert_eq!(peek_len(h.peer.as_raw_fd()), 0);
+    let c = h.net.counters();
+    assert_eq!((c.tx_frames, c.tx_dropped), (1, 1));
+    assert!(logged(&h.net.guest_errors[GuestError::TxNotDns as usize]));
+    assert!(!logged(
+        &h.net.guest_errors[GuestError::TxToHostItself as usize]
+    ));
+}
+
+#[test]
 fn malformed_tx_chains_are_dropped_and_counted() {
     let mut h = Harness::new();
     let f = frame(100, 1);

@@ -325,13 +325,6 @@ fn yield_queue(evt: &EventFd, log: &LogOnce) {
     }
 }
 
-impl Drop for Vsock {
-    fn drop(&mut self) {
-        // The listener is ours; leave no stale socket behind.
-        let _ = std::fs::remove_file(&self.uds_path);
-    }
-}
-
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         TYPE_VSOCK

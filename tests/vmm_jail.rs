@@ -166,3 +166,134 @@ fn jail_options_need_jail() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("--jail"), "{err}");
 }
+
+/// The gid of `group` in /etc/group.
+fn group_gid(group: &str) -> u32 {
+    std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&group)).then(|| f[2].parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no group {group} in /etc/group"))
+}
+
+#[test]
+fn an_unprivileged_user_gets_the_jail_through_a_user_namespace() {
+    // The test (root) runs keystone-vmm as uid/gid 65534 with the kvm group,
+    // as an ordinary user who may open /dev/kvm.
+    require_root();
+    const NOBODY: u32 = 65534;
+    let dir = TempDir::new("jail-user");
+    let own =
+        |p: &std::path::Path| std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    own(&dir.0);
+    let elf = dir.0.join("probe.elf");
+    std::fs::copy(common::probe_elf(), &elf).unwrap();
+    let img = dir.0.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    own(&img);
+    let uds = dir.0.join("v.sock");
+    let listen_path = format!("{}_5000", uds.display());
+    let listener = UnixListener::bind(&listen_path).unwrap();
+    std::fs::set_permissions(&listen_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        s.write_all(line.as_bytes()).unwrap();
+        line
+    });
+    let kvm = group_gid("kvm");
+    let jail_dir = dir.0.join("jail");
+    let mut cmd = std::process::Command::new(common::vmm_bin());
+    cmd.args([
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        "probe=blk,vsock,spin probe.vsock_connect=5000",
+        "--jail",
+        "--jail-dir",
+        jail_dir.to_str().unwrap(),
+        "--disk",
+        img.to_str().unwrap(),
+        "--vsock",
+        &format!("3,{}", uds.display()),
+    ]);
+    // SAFETY: the closure runs in the forked child and only calls
+    // setgroups/setresgid/setresuid, which are async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            let groups = [kvm];
+            if libc::setgroups(1, groups.as_ptr()) != 0
+                || libc::setresgid(NOBODY, NOBODY, NOBODY) != 0
+                || libc::setresuid(NOBODY, NOBODY, NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut vm = VmmProcess::spawn_with(&mut cmd);
+    vm.wait_stdout("probe: spinning", BOOT);
+    let out = vm.stdout();
+    assert!(
+        out.contains("probe: blk pattern ok"),
+        "{out}\n{}",
+        vm.stderr()
+    );
+    assert!(out.contains("probe: vsock echo: hello from guest"), "{out}");
+    assert_eq!(server.join().unwrap(), "hello from guest\n");
+
+    let pid = jailed_child(vm.pid());
+    assert_eq!(
+        status_field(pid, "Uid:")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["65534"; 4],
+        "its own uid, nothing more"
+    );
+    assert_eq!(status_field(pid, "CapEff:"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapPrm:"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapBnd:"), "0000000000000000");
+    assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
+    assert_eq!(status_field(pid, "Seccomp:"), "2");
+    for ns in ["user", "mnt", "pid", "net", "ipc", "uts"] {
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(ours, theirs, "{ns} namespace is shared with the host");
+    }
+    // The socket directory, read-only, and nothing else.
+    let inside = std::path::PathBuf::from(format!("/proc/{pid}/root"))
+        .join(dir.0.strip_prefix("/").unwrap());
+    let mut names: Vec<String> = std::fs::read_dir(&inside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(names.contains(&"v.sock".to_string()), "{names:?}");
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
+    let sock_dir_mount = mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == dir.0.to_str())
+        .unwrap_or_else(|| panic!("no mount of the socket directory:\n{mounts}"));
+    let opts = sock_dir_mount.split_whitespace().nth(3).unwrap();
+    assert!(opts.split(',').any(|o| o == "ro"), "{sock_dir_mount}");
+    assert_eq!(
+        mounts.lines().count(),
+        2,
+        "the root and the socket directory:\n{mounts}"
+    );
+
+    vm.signal(libc::SIGTERM);
+    let st = vm.wait_exit(Duration::from_secs(10));
+    assert!(st.success(), "exit {st}\n{}", vm.stderr());
+    let sector0 = &std::fs::read(&img).unwrap()[..512];
+    assert_eq!(sector0, &keystone_probe::blk_pattern(0)[..]);
+}

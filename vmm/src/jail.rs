@@ -1,17 +1,25 @@
-//! The jail (`keystone-vmm --jail`, as root): the VMM runs as PID 1 of a new
-//! PID namespace and, once the VM is built and before any guest instruction
+//! The jail (`keystone-vmm --jail`): the VMM runs as PID 1 of a new PID
+//! namespace and, once the VM is built and before any guest instruction
 //! runs, confines itself:
 //!
+//! - without root, first a user namespace that maps only the caller's own
+//!   uid and gid (so nothing needs privilege and every file the caller
+//!   could open stays the caller's, nothing more);
 //! - new mount, IPC, UTS and network namespaces (the VMM needs no network:
-//!   a tap fd and the passt socket were opened before, and keep working);
+//!   a tap fd and the passt socket were opened before, and keep working;
+//!   abstract Unix sockets are per network namespace, so none of the
+//!   host's is reachable);
 //! - `pivot_root` into an empty tmpfs that holds only the directory of the
 //!   vsock socket (for guest-initiated connections to `UDS_PATH_<port>`),
-//!   remounted read-only; the kernel, disks, `/dev/kvm` and tap are already
-//!   open and are not in the jail at all;
+//!   bind-mounted alone (not its submounts) and read-only (connecting to a
+//!   socket needs no writable mount), the root remounted read-only; the
+//!   kernel, disks, `/dev/kvm` and tap are already open and are not in the
+//!   jail at all;
 //! - rlimits (no core dumps, which would contain guest memory; a bounded
 //!   number of open files);
-//! - every capability dropped from the bounding set, no supplementary
-//!   groups, an unprivileged uid/gid (default 65534, `nobody`), and
+//! - every capability dropped (bounding, effective, permitted,
+//!   inheritable), no supplementary groups (as root; a user namespace
+//!   cannot drop them), the jail's uid/gid (root: default 65534), and
 //!   no_new_privs; the seccomp filters follow.
 //!
 //! The process that started it stays outside as a small supervisor: it
@@ -25,9 +33,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 /// Errors entering or setting up the jail.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    /// Not root.
-    #[error("--jail needs root (it creates namespaces and drops to --jail-uid)")]
-    NotRoot,
+    /// The host allows no user namespace to an unprivileged user.
+    #[error("--jail without root needs user namespaces, which this host refuses ({0}); run as root or without --jail")]
+    NoUserNamespace(std::io::Error),
     /// A system call failed.
     #[error("jail: {what} failed: {source}")]
     Sys {
@@ -50,6 +58,9 @@ pub struct JailConfig {
     pub uid: u32,
     /// Unprivileged gid the VMM runs as.
     pub gid: u32,
+    /// Enter a user namespace first (not root: `uid`/`gid` are then the
+    /// caller's own).
+    pub user_namespace: bool,
 }
 
 /// Most open files the jailed VMM may hold.
@@ -91,14 +102,36 @@ pub enum Side {
     Supervisor(i32),
 }
 
-/// Create a PID namespace and fork into it. Must be called while the
+/// Enters a user namespace mapping only the caller's uid and gid to
+/// themselves (`setgroups` denied, as the kernel requires for an
+/// unprivileged gid map). The process then holds every capability inside
+/// it and none outside.
+fn enter_user_namespace(uid: u32, gid: u32) -> Result<(), JailError> {
+    // SAFETY: unshare with a flag constant, on the only thread.
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER) } < 0 {
+        return Err(JailError::NoUserNamespace(std::io::Error::last_os_error()));
+    }
+    for (file, text) in [
+        ("/proc/self/setgroups", "deny".to_string()),
+        ("/proc/self/uid_map", format!("{uid} {uid} 1")),
+        ("/proc/self/gid_map", format!("{gid} {gid} 1")),
+    ] {
+        std::fs::write(file, text).map_err(|source| JailError::Sys {
+            what: "writing the user namespace's id maps",
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Create a PID namespace (inside a user namespace first when
+/// `jail.user_namespace`) and fork into it. Must be called while the
 /// process is single-threaded (first thing in `main`). The parent becomes a
 /// supervisor that forwards SIGTERM/SIGINT and returns the child's exit
 /// status; the child returns [`Side::Vmm`].
-pub fn enter_pid_namespace() -> Result<Side, JailError> {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(JailError::NotRoot);
+pub fn enter_pid_namespace(jail: &JailConfig) -> Result<Side, JailError> {
+    if jail.user_namespace {
+        enter_user_namespace(jail.uid, jail.gid)?;
     }
     // SAFETY: unshare with a flag constant; affects only future children.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
@@ -227,7 +260,17 @@ pub fn confine(jail: &JailConfig, keep_dir: Option<&Path>) -> Result<(), JailErr
             what: "mkdir socket dir in jail",
             source,
         })?;
-        mount(Some(dir), &inside, None, libc::MS_BIND | libc::MS_REC, None)?;
+        // The directory alone, not what is mounted below it; read-only,
+        // keeping the flags the kernel locks on a mount from the parent
+        // namespace (a user namespace may add flags, never drop them).
+        mount(Some(dir), &inside, None, libc::MS_BIND, None)?;
+        mount(
+            None,
+            &inside,
+            None,
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | locked_flags(dir)?,
+            None,
+        )?;
     }
     let old = root.join(".old");
     std::fs::create_dir_all(&old).map_err(|source| JailError::Sys {
@@ -289,17 +332,71 @@ pub fn confine(jail: &JailConfig, keep_dir: Option<&Path>) -> Result<(), JailErr
             break;
         }
     }
-    // SAFETY: setgroups with an empty list.
-    sys("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) }
-        as libc::c_long)?;
+    if !jail.user_namespace {
+        // SAFETY: setgroups with an empty list.
+        sys("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) }
+            as libc::c_long)?;
+    }
     // SAFETY: setresgid/setresuid with integer ids.
     let rc = unsafe { libc::setresgid(jail.gid, jail.gid, jail.gid) };
     sys("setresgid", rc as libc::c_long)?;
     // SAFETY: as above.
     let rc = unsafe { libc::setresuid(jail.uid, jail.uid, jail.uid) };
     sys("setresuid", rc as libc::c_long)?;
+    // A uid that did not change (uid 0 kept by root, or the caller's own in
+    // a user namespace) keeps its capabilities: clear every set.
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: capset(2) with a valid header and the two data structs
+    // version 3 takes; no libc wrapper exists.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    sys("capset", rc)?;
     // SAFETY: prctl with integer arguments.
     let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     sys("prctl(PR_SET_NO_NEW_PRIVS)", rc as libc::c_long)?;
     Ok(())
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3` (two 32-bit data structs).
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// `struct __user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// `struct __user_cap_data_struct`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// The mount flags of `dir`'s mount that a bind remount must keep.
+fn locked_flags(dir: &Path) -> Result<libc::c_ulong, JailError> {
+    let c = cstr(dir)?;
+    // SAFETY: statvfs only writes into the zeroed struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a valid statvfs pointer.
+    sys("statvfs", unsafe { libc::statvfs(c.as_ptr(), &mut st) }
+        as libc::c_long)?;
+    let pairs = [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ];
+    Ok(pairs
+        .iter()
+        .filter(|(st_flag, _)| st.f_flag & st_flag != 0)
+        .fold(0, |acc, (_, ms)| acc | ms))
 }

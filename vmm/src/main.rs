@@ -43,8 +43,12 @@ fn main() -> ExitCode {
         Err(e) => return fail(2, e),
     };
     if let Some(jail) = &config.jail {
+        // Nothing the parent left open (without close-on-exec) comes in.
+        // SAFETY: close_range(2) with integer arguments; fds 0-2 stay, and
+        // nothing of ours is open above them yet.
+        unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
         // Before anything else starts a thread: fork into a PID namespace.
-        match keystone_vmm::jail::enter_pid_namespace() {
+        match keystone_vmm::jail::enter_pid_namespace(jail) {
             Ok(keystone_vmm::jail::Side::Vmm) => {}
             Ok(keystone_vmm::jail::Side::Supervisor(code)) => {
                 // The jailed VMM could not remove what it made outside.

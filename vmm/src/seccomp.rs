@@ -9,7 +9,12 @@
 //!
 //! Both stay under Firecracker's sizes (VMM 50, vCPU 27). A few calls are
 //! narrowed by argument: `ioctl` to the listed request numbers, `socket` to
-//! `AF_UNIX`.
+//! `AF_UNIX`, `tgkill` to the VMM's own threads with the kick signal,
+//! `mmap`/`mprotect` to mappings without `PROT_EXEC`. No thread may
+//! `unlink`; paths for `connect` cannot be checked by seccomp (a pointer),
+//! which is the jail's job (an empty root holding only the vsock socket
+//! directory, read-only; a private network namespace for abstract
+//! sockets).
 
 use std::collections::BTreeMap;
 
@@ -136,7 +141,6 @@ pub const VMM_SYSCALLS: &[i64] = &[
     libc::SYS_shutdown,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
-    libc::SYS_unlink,
     libc::SYS_timerfd_settime,
     libc::SYS_ioctl,
     libc::SYS_futex,
@@ -165,14 +169,35 @@ fn arg_eq(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendErro
     SeccompRule::new(vec![c])
 }
 
-/// The allowlist of `kind` as seccompiler rules.
-fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+/// `mmap`/`mprotect` without `PROT_EXEC` (argument 2): nothing the VMM
+/// maps after confinement is code, so a compromised thread cannot make
+/// writable memory executable.
+fn no_exec() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let c = SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+        0,
+    )?;
+    Ok(vec![SeccompRule::new(vec![c])?])
+}
+
+/// The allowlist of `kind` as seccompiler rules, for the process `pid` (as
+/// it sees itself: inside the jail's PID namespace, 1).
+fn rules(
+    kind: ThreadKind,
+    pid: u32,
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     let list = match kind {
         ThreadKind::Vcpu => VCPU_SYSCALLS,
         ThreadKind::Vmm => VMM_SYSCALLS,
         ThreadKind::Supervisor => SUPERVISOR_SYSCALLS,
     };
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = list.iter().map(|&nr| (nr, vec![])).collect();
+    if kind != ThreadKind::Supervisor {
+        map.insert(libc::SYS_mmap, no_exec()?);
+        map.insert(libc::SYS_mprotect, no_exec()?);
+    }
     match kind {
         ThreadKind::Vcpu => {
             map.insert(
@@ -195,21 +220,41 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
                     .collect::<Result<_, _>>()?,
             );
             map.insert(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
+            // Kicking our own vCPU threads out of KVM_RUN, and nothing else:
+            // no signal to another process, no other signal.
+            let own =
+                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, pid.into())?;
+            let kick = SeccompCondition::new(
+                2,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                crate::signals::vcpu_kick_signal() as u64,
+            )?;
+            map.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![own, kick])?]);
         }
         ThreadKind::Supervisor => {}
     }
     Ok(map)
 }
 
-/// The BPF program for `kind`: allowed calls pass, anything else kills the
-/// process.
+/// The BPF program for `kind` in this process: allowed calls pass,
+/// anything else kills the process.
 pub fn program(kind: ThreadKind, violation: Violation) -> Result<BpfProgram, SeccompError> {
+    program_for(kind, violation, std::process::id())
+}
+
+/// [`program`] for the process `pid`.
+pub fn program_for(
+    kind: ThreadKind,
+    violation: Violation,
+    pid: u32,
+) -> Result<BpfProgram, SeccompError> {
     let mismatch = match violation {
         Violation::Kill => SeccompAction::KillProcess,
         Violation::Log => SeccompAction::Trap,
     };
     let filter = SeccompFilter::new(
-        rules(kind).map_err(SeccompError::Build)?,
+        rules(kind, pid).map_err(SeccompError::Build)?,
         mismatch,
         SeccompAction::Allow,
         TargetArch::x86_64,
@@ -296,6 +341,9 @@ mod tests {
         assert!(VCPU_SYSCALLS.len() <= 27, "{}", VCPU_SYSCALLS.len());
         assert!(VMM_SYSCALLS.len() <= 50, "{}", VMM_SYSCALLS.len());
         assert!(SUPERVISOR_SYSCALLS.len() <= 20);
+        // Only the jail's supervisor outside removes files (the socket).
+        assert!(!VMM_SYSCALLS.contains(&libc::SYS_unlink));
+        assert!(!VCPU_SYSCALLS.contains(&libc::SYS_unlink));
         assert!(program(ThreadKind::Supervisor, Violation::Kill).is_ok());
         assert!(program(ThreadKind::Vmm, Violation::Log).is_ok());
         for list in [VCPU_SYSCALLS, VMM_SYSCALLS, SUPERVISOR_SYSCALLS] {
@@ -313,16 +361,28 @@ mod tests {
         assert!(program(ThreadKind::Vmm, Violation::Kill).is_ok());
     }
 
-    /// Runs `f` in a forked child with `kind`'s filter installed; returns
-    /// the signal that killed it, or None if it exited 0.
+    /// A pid no process has, standing in for the child's until it knows it.
+    const SENTINEL_PID: u32 = 0x3fff_fff7;
+
+    /// Runs `f` in a forked child with `kind`'s filter installed (for the
+    /// child's own pid); returns the signal that killed it, or None if it
+    /// exited 0.
     fn in_filtered_child(kind: ThreadKind, f: fn()) -> Option<i32> {
-        let prog = program(kind, Violation::Kill).unwrap();
-        // SAFETY: fork(2) in a test process; the child only installs the
-        // prebuilt filter (prctl/seccomp syscalls, no allocation), makes raw
-        // syscalls and leaves with _exit, all async-signal-safe.
+        let mut prog = program_for(kind, Violation::Kill, SENTINEL_PID).unwrap();
+        // SAFETY: fork(2) in a test process; the child only patches the
+        // prebuilt filter in place, installs it (prctl/seccomp syscalls, no
+        // allocation), makes raw syscalls and leaves with _exit, all
+        // async-signal-safe.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
+            // SAFETY: getpid has no arguments.
+            let me = unsafe { libc::getpid() } as u32;
+            for insn in prog.iter_mut() {
+                if insn.k == SENTINEL_PID {
+                    insn.k = me;
+                }
+            }
             if install(&prog).is_err() {
                 // SAFETY: _exit is async-signal-safe.
                 unsafe { libc::_exit(2) };
@@ -341,6 +401,102 @@ mod tests {
         } else {
             assert_eq!(libc::WEXITSTATUS(status), 0, "child exit status");
             None
+        }
+    }
+
+    #[test]
+    fn the_vmm_thread_signals_only_its_own_threads_and_maps_no_code() {
+        // Its own thread, the kick signal: allowed.
+        let kick = in_filtered_child(ThreadKind::Vmm, || {
+            // SAFETY: tgkill of this very thread with the kick signal,
+            // which is blocked so the default action (terminate) cannot
+            // run; then it stays pending until exit.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, crate::signals::vcpu_kick_signal());
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                let r = libc::syscall(
+                    libc::SYS_tgkill,
+                    libc::getpid(),
+                    libc::syscall(libc::SYS_gettid),
+                    crate::signals::vcpu_kick_signal(),
+                );
+                if r != 0 {
+                    libc::syscall(libc::SYS_exit, 3);
+                }
+            }
+        });
+        assert_eq!(kick, None);
+        // SIGKILL to the parent (the process that started the VMM).
+        let parent = in_filtered_child(ThreadKind::Vmm, || {
+            // SAFETY: the filter kills the caller before the signal is sent.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_tgkill,
+                    libc::getppid(),
+                    libc::getppid(),
+                    libc::SIGKILL,
+                );
+            }
+        });
+        assert_eq!(parent, Some(libc::SIGSYS));
+        // Another signal to itself.
+        let other = in_filtered_child(ThreadKind::Vmm, || {
+            // SAFETY: as above.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_tgkill,
+                    libc::getpid(),
+                    libc::syscall(libc::SYS_gettid),
+                    libc::SIGUSR1,
+                );
+            }
+        });
+        assert_eq!(other, Some(libc::SIGSYS));
+        // unlink anywhere.
+        let unlink = in_filtered_child(ThreadKind::Vmm, || {
+            // SAFETY: a valid C string; the filter kills before the call.
+            unsafe {
+                libc::syscall(libc::SYS_unlink, c"/tmp/keystone-never-there".as_ptr());
+            }
+        });
+        assert_eq!(unlink, Some(libc::SIGSYS));
+        // Writable memory made executable, from either thread kind.
+        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu] {
+            let wx = in_filtered_child(kind, || {
+                // SAFETY: an anonymous mapping (allowed: no PROT_EXEC), then
+                // mprotect asking for PROT_EXEC, which the filter kills.
+                unsafe {
+                    let p = libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                    if p == libc::MAP_FAILED {
+                        libc::syscall(libc::SYS_exit, 3);
+                    }
+                    libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC);
+                }
+            });
+            assert_eq!(wx, Some(libc::SIGSYS), "{kind:?}");
+            let mapped_x = in_filtered_child(kind, || {
+                // SAFETY: mmap asking for PROT_EXEC; the filter kills first.
+                unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        libc::PROT_READ | libc::PROT_EXEC,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                }
+            });
+            assert_eq!(mapped_x, Some(libc::SIGSYS), "{kind:?}");
         }
     }
 

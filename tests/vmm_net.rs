@@ -146,6 +146,91 @@ fn tap_in_a_namespace_carries_arp_both_ways() {
     assert!(rx_packets(&ns, "kstap0") >= 1);
 }
 
+fn link_mac(ns: &NetNs, dev: &str) -> String {
+    let out = ns.ip(&["link", "show", dev]);
+    out.split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no MAC for {dev}: {out}"))
+        .to_string()
+}
+
+/// `--net macvtap=NAME`: a macvtap link (bridge mode) on one end of a veth
+/// pair, the other end holding 10.77.0.1. The guest's NIC gets the link's
+/// MAC (a macvtap passes only frames for it), and ARP goes both ways.
+#[test]
+fn macvtap_on_a_veth_carries_arp_both_ways_with_the_links_mac() {
+    common::require_kvm();
+    let ns = NetNs::new("mvt");
+    ns.ip(&[
+        "link", "add", "ksv0", "type", "veth", "peer", "name", "ksv1",
+    ]);
+    ns.ip(&[
+        "link", "add", "link", "ksv0", "name", "ksmvt0", "type", "macvtap", "mode", "bridge",
+    ]);
+    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "ksv1"]);
+    for dev in ["lo", "ksv1", "ksv0", "ksmvt0"] {
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    let (mvt_mac, peer_mac) = (link_mac(&ns, "ksmvt0"), link_mac(&ns, "ksv1"));
+
+    let elf = common::probe_elf();
+    let vmm = common::vmm_bin();
+    let mut vm = VmmProcess::spawn_with(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(vmm)
+            .args([
+                "--kernel",
+                elf.to_str().unwrap(),
+                "--net",
+                "macvtap=ksmvt0",
+                "--cmdline",
+                "probe=net,reset probe.net_dhcp=0 probe.net_arp=10.77.0.1 probe.net_ip=10.77.0.15",
+            ]),
+    );
+    let st = vm.wait_exit(BOOT);
+    let out = vm.stdout();
+    assert!(st.success(), "exit {st}\n{out}\n{}", vm.stderr());
+    assert_eq!(line_value(&out, "probe: net mac=").trim(), mvt_mac, "{out}");
+    let reply = line_value(&out, "probe: net arp reply ip=10.77.0.1 mac=");
+    assert_eq!(reply.trim(), peer_mac, "{out}");
+    assert!(rx_packets(&ns, "ksv1") >= 1);
+}
+
+/// What a user gets wrong with macvtap is one clear line and exit 1.
+#[test]
+fn macvtap_errors_name_the_missing_link_and_the_wrong_kind() {
+    common::require_kvm();
+    let ns = NetNs::new("mvterr");
+    ns.ip(&[
+        "link", "add", "ksveth0", "type", "veth", "peer", "name", "ksveth1",
+    ]);
+    let elf = common::probe_elf();
+    let vmm = common::vmm_bin();
+    for (net, want) in [
+        ("macvtap=ksnone0", "no network interface ksnone0"),
+        ("macvtap=ksveth0", "ksveth0 is not a macvtap link"),
+    ] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(vmm)
+            .args([
+                "--kernel",
+                elf.to_str().unwrap(),
+                "--net",
+                net,
+                "--cmdline",
+                "probe=reset",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{net}: {err}");
+        assert!(err.contains(want), "{net}: {err}");
+    }
+}
+
 #[test]
 fn a_dead_passt_is_reported_and_the_vm_keeps_running() {
     let mut vm = VmmProcess::probe("probe=net,spin probe.net_dhcp=0", &["--net", "user"]);

@@ -54,25 +54,30 @@ pub struct Cli {
     pub vsock: Option<String>,
     /// A virtio-net NIC: `user` (user-mode networking through passt, no
     /// root needed) or `tap=NAME` (needs CAP_NET_ADMIN), with `,mac=MAC` or
-    /// `,name=NAME` (MAC derived from the name; default: from the VMM's pid).
-    #[arg(long, value_name = "user|tap=NAME[,mac=MAC|,name=NAME]")]
+    /// `,name=NAME` (MAC derived from the name; default: from the VMM's pid);
+    /// or `macvtap=NAME`, an existing macvtap link opened through
+    /// /dev/tap<ifindex> (root), whose own MAC the guest gets.
+    #[arg(long, value_name = "user|tap=NAME[,mac=MAC|,name=NAME]|macvtap=NAME")]
     pub net: Option<String>,
     /// Hide VMX/SVM from the guest's CPUID (no nested virtualization).
     #[arg(long)]
     pub no_nested: bool,
-    /// Run jailed (root only): PID/mount/IPC/UTS/network namespaces, an
-    /// empty read-only root, no capabilities, an unprivileged uid.
+    /// Run jailed: PID/mount/IPC/UTS/network namespaces (and a user
+    /// namespace when not root), an empty read-only root, no capabilities.
     #[arg(long)]
     pub jail: bool,
-    /// Where the jail's root is mounted (default /run/keystone-vmm/<pid>).
+    /// Where the jail's root is mounted (default /run/keystone-vmm/<pid> as
+    /// root, else $XDG_RUNTIME_DIR/keystone-vmm/<pid> or
+    /// /tmp/keystone-vmm-<uid>/<pid>).
     #[arg(long, value_name = "DIR", requires = "jail")]
     pub jail_dir: Option<PathBuf>,
-    /// uid the jailed VMM runs as (default 65534, nobody).
-    #[arg(long, value_name = "UID", default_value_t = 65534, requires = "jail")]
-    pub jail_uid: u32,
-    /// gid the jailed VMM runs as (default 65534, nogroup).
-    #[arg(long, value_name = "GID", default_value_t = 65534, requires = "jail")]
-    pub jail_gid: u32,
+    /// uid the jailed VMM runs as (root: default 65534, nobody; otherwise
+    /// your own, the only one a user namespace can map).
+    #[arg(long, value_name = "UID", requires = "jail")]
+    pub jail_uid: Option<u32>,
+    /// gid the jailed VMM runs as (root: default 65534; otherwise your own).
+    #[arg(long, value_name = "GID", requires = "jail")]
+    pub jail_gid: Option<u32>,
     /// Run without seccomp filters (debugging only: the VMM then has the
     /// whole syscall surface of the host kernel).
     #[arg(long)]
@@ -193,6 +198,14 @@ pub enum ConfigError {
     /// Unknown --serial value.
     #[error("--serial {0}: use stdio, file:PATH or none")]
     Serial(String),
+    /// `--jail-uid`/`--jail-gid` other than one's own, without root.
+    #[error("--jail-uid/--jail-gid: without root the jail keeps your own uid {uid} and gid {gid} (a user namespace maps only those)")]
+    JailIds {
+        /// The caller's uid.
+        uid: u32,
+        /// The caller's gid.
+        gid: u32,
+    },
     /// A --disk value is wrong.
     #[error("--disk {spec}: {reason}")]
     Disk {
@@ -278,10 +291,20 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, ConfigError> {
     if path.is_empty() {
         return Err(err("empty socket path"));
     }
-    if uds_path.symlink_metadata().is_ok() {
-        return Err(err(
-            "the socket path already exists (remove the stale socket)",
-        ));
+    if let Ok(meta) = uds_path.symlink_metadata() {
+        // A socket nobody listens on is what a VMM that exited leaves (no
+        // VMM thread may unlink, see seccomp): replace it.
+        use std::os::unix::fs::FileTypeExt;
+        let stale = meta.file_type().is_socket()
+            && matches!(
+                std::os::unix::net::UnixStream::connect(&uds_path),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+            );
+        if !stale || std::fs::remove_file(&uds_path).is_err() {
+            return Err(err(
+                "the socket path already exists (and is not a stale socket: another VMM listening, or another file)",
+            ));
+        }
     }
     // sun_path holds 108 bytes with the NUL; `<path>_<port>` adds up to 11.
     if path.len() + 11 >= 108 {
@@ -396,15 +419,49 @@ impl VmConfig {
             disks,
             vsock,
             net,
-            jail: cli.jail.then(|| crate::jail::JailConfig {
-                root: cli.jail_dir.clone().unwrap_or_else(|| {
-                    PathBuf::from(format!("/run/keystone-vmm/{}", std::process::id()))
-                }),
-                uid: cli.jail_uid,
-                gid: cli.jail_gid,
-            }),
+            jail: match cli.jail {
+                true => Some(jail_config(cli)?),
+                false => None,
+            },
         })
     }
+}
+
+/// The jail settings: as root any uid/gid (default 65534); otherwise the
+/// caller's own, which its user namespace maps to itself.
+fn jail_config(cli: &Cli) -> Result<crate::jail::JailConfig, ConfigError> {
+    // SAFETY: geteuid/getegid have no arguments and cannot fail.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let root_user = euid == 0;
+    let (uid, gid) = if root_user {
+        (cli.jail_uid.unwrap_or(65534), cli.jail_gid.unwrap_or(65534))
+    } else {
+        let uid = cli.jail_uid.unwrap_or(euid);
+        let gid = cli.jail_gid.unwrap_or(egid);
+        if (uid, gid) != (euid, egid) {
+            return Err(ConfigError::JailIds {
+                uid: euid,
+                gid: egid,
+            });
+        }
+        (uid, gid)
+    };
+    let root = match &cli.jail_dir {
+        Some(d) => d.clone(),
+        None if root_user => PathBuf::from(format!("/run/keystone-vmm/{}", std::process::id())),
+        None => std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute() && p.is_dir())
+            .map(|p| p.join("keystone-vmm"))
+            .unwrap_or_else(|| PathBuf::from(format!("/tmp/keystone-vmm-{euid}")))
+            .join(std::process::id().to_string()),
+    };
+    Ok(crate::jail::JailConfig {
+        root,
+        uid,
+        gid,
+        user_namespace: !root_user,
+    })
 }
 
 #[cfg(test)]
@@ -492,6 +549,20 @@ mod tests {
             assert!(parse_vsock(bad).is_err(), "{bad}");
         }
         assert!(parse_vsock(&format!("3,{img_s}")).is_err(), "exists");
+        // A socket someone listens on is refused; one left by a VMM that
+        // exited (no listener) is replaced.
+        let live = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert!(
+            parse_vsock(&format!("3,{}", sock.display())).is_err(),
+            "live"
+        );
+        drop(live);
+        assert!(sock.exists(), "closing a listener leaves its file");
+        assert!(
+            parse_vsock(&format!("3,{}", sock.display())).is_ok(),
+            "stale"
+        );
+        assert!(!sock.exists());
         assert!(parse_vsock("3,/nonexistent/dir/v.sock").is_err());
         assert!(parse_vsock(&format!("3,/tmp/{}", "x".repeat(100))).is_err());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -368,6 +368,23 @@ fn sandbox_life_cycle() {
     };
     assert_eq!(s["nested"], false, "{s}");
     assert!(no_nested(&s), "{s}");
+    // Jailed by default (this test runs as root: uid 0 kept, no
+    // capabilities; tests/vmm_jail.rs covers what the jail holds).
+    let args = s["launch"]["args"].as_array().expect("launch args");
+    assert!(args.iter().any(|a| a == "--jail"), "{s}");
+    let pid = s["pid"].as_u64().expect("pid");
+    let jailed = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+        .expect("the jail's supervisor has the VMM as its child");
+    let ns = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(
+        ns(jailed),
+        ns(std::process::id()),
+        "the VMM shares our mount namespace"
+    );
     assert_eq!(
         s["project_path"],
         project.canonicalize().unwrap().to_str().unwrap()

@@ -183,6 +183,56 @@ fn two_sandboxes_user_network_auto_idle_and_kill_9() {
         );
     }
 
+    // The host's loopback is out of the guest's reach. Through the gateway
+    // (passt --no-map-gw): a service on the host's 127.0.0.1 is not there.
+    // And directly: beta (root in the guest) routes 127.0.0.2 out of its
+    // NIC, as a hostile guest can; the VMM drops such frames (passt would
+    // deliver them from the host's own sockets).
+    let lo1 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let lo2 = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let (p1, p2) = (
+        lo1.local_addr().unwrap().port(),
+        lo2.local_addr().unwrap().port(),
+    );
+    for l in [&lo1, &lo2] {
+        l.set_nonblocking(true).unwrap();
+    }
+    for p in [&alpha, &beta] {
+        let out = p.exec(&format!(
+            "gw=$(ip -4 route show default | awk '{{print $3; exit}}'); \
+             timeout 5 bash -c \"exec 3<>/dev/tcp/$gw/{p1}\""
+        ));
+        assert_ne!(
+            code(&out),
+            0,
+            "{}: reached the host's 127.0.0.1:{p1} through its gateway",
+            p.name
+        );
+    }
+    let out = beta.exec(&format!(
+        "set -e; gw=$(ip -4 route show default | awk '{{print $3; exit}}'); \
+         dev=$(ip -4 route show default | awk '{{print $5; exit}}'); \
+         sudo -n sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.$dev.route_localnet=1; \
+         sudo -n ip route del local 127.0.0.0/8 dev lo table local; \
+         sudo -n ip route replace local 127.0.0.1/32 dev lo table local; \
+         sudo -n ip route replace 127.0.0.2/32 via $gw dev $dev; \
+         ip route get 127.0.0.2 | grep -q \" dev $dev\"; \
+         ! timeout 5 bash -c \"exec 3<>/dev/tcp/127.0.0.2/{p2}\""
+    ));
+    assert_eq!(
+        code(&out),
+        0,
+        "beta routed 127.0.0.2 out of its NIC and reached the host's 127.0.0.2:{p2}, \
+         or could not set the route up: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for l in [&lo1, &lo2] {
+        assert!(
+            matches!(l.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a host loopback listener took a connection from a guest"
+        );
+    }
+
     // auto-idle: a commit comes home once the workspace has been quiet.
     alpha.guest_commit("idle commit");
     wait_until("auto-idle sync", Duration::from_secs(120), || {
@@ -218,4 +268,96 @@ fn two_sandboxes_user_network_auto_idle_and_kill_9() {
         assert_eq!(code(&p.run(&["agent", "stop"])), 0, "stop {}", p.name);
         assert_eq!(p.status()["status"], "stopped");
     }
+}
+
+/// Runs `ip ARGS` on the host (the lane's L1, as root).
+fn host_ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The host links this test makes, gone when it ends (deleting one end of
+/// the veth pair takes the other and the macvtap on it).
+struct HostLinks;
+
+impl Drop for HostLinks {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", "ksvm0"]).status();
+    }
+}
+
+/// `--network macvtap --tap NAME`: a macvtap link (bridge mode) on one end
+/// of a veth pair whose other end holds 10.77.0.1. The sandbox's NIC gets
+/// the link's MAC, and the guest reaches the peer through it; a missing
+/// link is one line and exit 2, before any boot.
+#[test]
+#[ignore = "lane: boots Linux on keystone-vmm, needs hardware KVM (tests/lane/suites)"]
+fn macvtap_sandbox_has_the_links_mac_and_reaches_its_peer() {
+    let world = World::new("agent-macvtap");
+    let gamma = world.project("gamma");
+
+    let mut args = start_args("1", "macvtap");
+    args.extend_from_slice(&["--tap", "ksmvt9"]);
+    let out = gamma.run(&args);
+    assert_eq!(code(&out), 2, "no such link: usage error");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no interface ksmvt9") && err.lines().count() == 1,
+        "{err}"
+    );
+
+    let _links = HostLinks;
+    host_ip(&[
+        "link", "add", "ksvm0", "type", "veth", "peer", "name", "ksvm1",
+    ]);
+    host_ip(&[
+        "link", "add", "link", "ksvm0", "name", "ksmvt0", "type", "macvtap", "mode", "bridge",
+    ]);
+    host_ip(&["addr", "add", "10.77.0.1/24", "dev", "ksvm1"]);
+    for dev in ["ksvm1", "ksvm0", "ksmvt0"] {
+        host_ip(&["link", "set", dev, "up"]);
+    }
+    let mac = std::fs::read_to_string("/sys/class/net/ksmvt0/address")
+        .unwrap()
+        .trim()
+        .to_string();
+
+    let mut args = start_args("1", "macvtap");
+    args.extend_from_slice(&["--tap", "ksmvt0"]);
+    let out = gamma.run(&args);
+    assert_eq!(code(&out), 0, "start on the macvtap");
+    assert_eq!(gamma.status()["network"]["mode"], "macvtap");
+
+    // The guest's NIC has the link's MAC; with an address on the peer's
+    // subnet it connects to a listener on the peer's address.
+    let out = gamma.exec(&format!(
+        "ip -o link | grep -F 'link/ether {mac}' | cut -d: -f2 | tr -d ' '"
+    ));
+    let ifname = stdout(&out).trim().to_string();
+    assert!(!ifname.is_empty(), "no guest NIC with MAC {mac}");
+    let listener = std::net::TcpListener::bind("10.77.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accept = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, peer) = listener.accept().unwrap();
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf).unwrap_or(0);
+        (peer.ip().to_string(), buf[..n].to_vec())
+    });
+    let out = gamma.exec(&format!(
+        "sudo -n ip addr add 10.77.0.15/24 dev {ifname} && \
+         python3 -c \"import socket; s=socket.create_connection(('10.77.0.1', {port}), 30); s.sendall(b'via-macvtap')\""
+    ));
+    assert_eq!(code(&out), 0, "guest connect through the macvtap");
+    let (peer, bytes) = accept.join().unwrap();
+    assert_eq!(
+        (peer.as_str(), bytes.as_slice()),
+        ("10.77.0.15", &b"via-macvtap"[..])
+    );
+    assert_eq!(code(&gamma.run(&["agent", "stop"])), 0);
 }

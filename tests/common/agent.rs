@@ -138,13 +138,23 @@ impl Project {
             .join("keystone/agent/sandboxes")
             .join(&self.name)
             .join("state");
+        // The end of each host-side log, where a CI run's tail shows it.
+        let logs = ["console.log", "vmm.log", "supervisor.log", "mux.log"];
+        for f in &logs[1..] {
+            let text = std::fs::read_to_string(state.join(f)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- sandbox {} {f} (last 15 lines)", self.name);
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                eprintln!("{l}");
+            }
+        }
         let Some(dest) = std::env::var_os("KEYSTONE_TEST_LOGS") else {
             eprintln!("sandbox {} logs: {}", self.name, state.display());
             return;
         };
         let dest = Path::new(&dest).join(&self.name);
         let _ = std::fs::create_dir_all(&dest);
-        for f in ["console.log", "vmm.log", "supervisor.log"] {
+        for f in logs {
             let _ = std::fs::copy(state.join(f), dest.join(f));
         }
         eprintln!("sandbox {} logs kept in {}", self.name, dest.display());

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::lifecycle::{self, NetworkChoice, StartOptions};
 use super::state::{format_time, AgentPaths, Sandbox, SyncMode};
-use super::{exit, remote, session, supervisor, vmm_process, AgentError};
+use super::{exit, remote, session, ssh, supervisor, vmm_process, AgentError};
 
 /// The verbs of `keystone agent`.
 #[derive(Debug, Subcommand)]
@@ -46,6 +46,10 @@ pub enum AgentCommand {
     /// Internal: the per-sandbox supervisor started by `start`.
     #[command(name = "__supervise", hide = true)]
     Supervise(SuperviseArgs),
+    /// Internal: run a command, cutting it off once its stdout passes a cap
+    /// (sync's fetch, which may ride the SSH master past the proxy's cap).
+    #[command(name = "__capped", hide = true)]
+    Capped(CappedArgs),
 }
 
 /// `--network` values.
@@ -55,7 +59,8 @@ pub enum NetworkArg {
     User,
     /// A tap device you created (give it with --tap).
     Tap,
-    /// Not supported (use a tap device on a bridge).
+    /// A macvtap link you created on a host interface (give it with
+    /// --tap; needs root or access to its /dev/tapN).
     Macvtap,
     /// A tap device you created and attached to a bridge (give it with --tap).
     Bridge,
@@ -106,7 +111,8 @@ pub struct StartArgs {
     /// Network (default user, or what this sandbox used last).
     #[arg(long, value_enum)]
     pub network: Option<NetworkArg>,
-    /// The tap device for --network tap or bridge.
+    /// The tap device for --network tap or bridge, or the macvtap link for
+    /// --network macvtap.
     #[arg(long, value_name = "NAME")]
     pub tap: Option<String>,
     /// When the guest's commits are synced to the host (default manual).
@@ -197,6 +203,10 @@ pub struct ProxyArgs {
     /// A VMM's vsock Unix socket instead of a sandbox name.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Cut the connection (exit 1) once more than N bytes came from the
+    /// guest.
+    #[arg(long, value_name = "N")]
+    pub max_bytes: Option<u64>,
 }
 
 /// `keystone agent ssh-config`.
@@ -204,6 +214,18 @@ pub struct ProxyArgs {
 pub struct SshConfigArgs {
     /// Only this sandbox (default: all).
     pub name: Option<String>,
+}
+
+/// `keystone agent __capped`.
+#[derive(Debug, Args)]
+pub struct CappedArgs {
+    /// Most bytes passed on from the command's stdout; past it the command
+    /// is killed and this exits 255.
+    #[arg(long, value_name = "N")]
+    pub max_bytes: u64,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
 }
 
 /// `keystone agent __supervise`.
@@ -231,7 +253,7 @@ fn proxy(paths: &AgentPaths, a: ProxyArgs) -> u8 {
             "'{port}' is not a vsock port number"
         )));
     };
-    match remote::proxy(paths, name, a.socket.as_deref(), port) {
+    match remote::proxy(paths, name, a.socket.as_deref(), port, a.max_bytes) {
         Ok(()) => exit::OK,
         Err(e) => fail(&e),
     }
@@ -532,5 +554,14 @@ pub fn run(cmd: AgentCommand) -> u8 {
             Err(e) => fail(&e),
         },
         AgentCommand::Supervise(_) => exit::OK,
+        AgentCommand::Capped(a) => {
+            match ssh::capped(a.max_bytes, &a.cmd, &mut std::io::stdout().lock()) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("keystone: error: {e}");
+                    255
+                }
+            }
+        }
     }
 }

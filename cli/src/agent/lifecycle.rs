@@ -8,7 +8,7 @@
 //! sandbox until given again; `--nested` (nested virtualization, off by
 //! default) applies to the boot it is given to.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ pub enum NetworkChoice {
     User,
     /// An existing tap device (`--tap NAME`).
     Tap,
-    /// A macvtap device: not supported by keystone-vmm.
+    /// An existing macvtap link (`--tap NAME`).
     Macvtap,
     /// An existing tap device on a bridge (`--tap NAME`).
     Bridge,
@@ -65,6 +65,11 @@ pub fn resolve_network(
 ) -> Result<Option<Network>, AgentError> {
     let device = |mode: &str| -> Result<String, AgentError> {
         let Some(dev) = tap else {
+            if mode == "macvtap" {
+                return Err(AgentError::Usage(
+                    "--network macvtap needs --tap NAME: a macvtap link you created on a host interface (e.g. `ip link add link eth0 name ksmv0 type macvtap mode bridge && ip link set ksmv0 up`)".into(),
+                ));
+            }
             return Err(AgentError::Usage(format!(
                 "--network {mode} needs --tap NAME: a tap device you created (e.g. `ip tuntap add dev ks0 mode tap user $USER`{})",
                 if mode == "bridge" { " and added to the bridge with `ip link set ks0 master br0`" } else { "" }
@@ -90,21 +95,50 @@ pub fn resolve_network(
             device: device("bridge")?,
         },
         (Some(NetworkChoice::Macvtap), _) => {
-            return Err(AgentError::Usage(
-                "--network macvtap is not supported: keystone-vmm opens tap devices through /dev/net/tun; \
-                 create a tap device on a bridge and use --network bridge --tap NAME"
-                    .into(),
-            ))
+            let device = device("macvtap")?;
+            check_macvtap(Path::new("/sys/class/net"), Path::new("/dev"), &device)?;
+            Network::Macvtap { device }
         }
         (Some(NetworkChoice::User), Some(_)) | (Some(NetworkChoice::None), Some(_)) => {
             return Err(AgentError::Usage(
-                "--tap goes with --network tap or bridge".into(),
+                "--tap goes with --network tap, bridge or macvtap".into(),
             ))
         }
         (Some(NetworkChoice::User), None) => Network::User,
         (Some(NetworkChoice::None), None) => Network::None,
     };
     Ok(Some(network))
+}
+
+/// Whether the macvtap link `device` exists (under `sys`, i.e.
+/// /sys/class/net), is a macvtap, and its device node (under `dev`) opens
+/// read-write for us; else one line saying which, before any boot.
+fn check_macvtap(sys: &Path, dev: &Path, device: &str) -> Result<(), AgentError> {
+    let link = sys.join(device);
+    if !link.exists() {
+        return Err(AgentError::Usage(format!(
+            "--network macvtap: this host has no interface {device} (create it with `ip link add link eth0 name {device} type macvtap mode bridge && ip link set {device} up`, as root)"
+        )));
+    }
+    if !link.join("macvtap").is_dir() {
+        return Err(AgentError::Usage(format!(
+            "--network macvtap: {device} is not a macvtap link (use --network tap or bridge for a tap device)"
+        )));
+    }
+    let index = std::fs::read_to_string(link.join("ifindex")).unwrap_or_default();
+    let node = dev.join(format!("tap{}", index.trim()));
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&node)
+    {
+        Ok(_) => Ok(()),
+        Err(e) => Err(AgentError::Usage(format!(
+            "--network macvtap: cannot open {} ({e}): macvtap needs root, or read-write access to that device",
+            node.display()
+        ))),
+    }
 }
 
 /// Options of `start`.
@@ -507,6 +541,9 @@ fn record_launch(
     } else {
         None
     };
+    if let Err(why) = vmm_process::jail_available() {
+        eprintln!("keystone: warning: the VMM runs without its jail (seccomp only): {why}");
+    }
     let args =
         vmm_process::launch_args(sandbox, image, key.as_deref()).map_err(|e| st.failed(e))?;
     sandbox.launch = Some(Launch { vmm, args });
@@ -617,6 +654,10 @@ pub fn start(
         }
     })?;
     let sandbox = wait_ready(&st, &mut child, &sandbox, spawned, c.timeout)?;
+    // One SSH handshake now, for every later exec/attach/sync to ride.
+    if c.image.manifest.ssh && !session::open_master(&sandbox) {
+        progress("no SSH master (each command will make its own connection)");
+    }
     Ok(Started {
         sandbox,
         new_disk,
@@ -739,6 +780,38 @@ pub fn destroy(
 mod tests {
     use super::*;
 
+    /// The three ways a macvtap is wrong, on a fake sysfs and /dev.
+    #[test]
+    fn macvtap_checks_say_which_part_is_missing() {
+        let root = std::env::temp_dir().join(format!("ks-mvt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (sys, dev) = (root.join("sys"), root.join("dev"));
+        std::fs::create_dir_all(sys.join("eth0")).unwrap();
+        std::fs::create_dir_all(sys.join("mv0/macvtap")).unwrap();
+        std::fs::write(sys.join("mv0/ifindex"), "7\n").unwrap();
+        std::fs::create_dir_all(&dev).unwrap();
+        let msg = |d: &str| check_macvtap(&sys, &dev, d).unwrap_err().to_string();
+        assert!(
+            msg("nope0").contains("no interface nope0"),
+            "{}",
+            msg("nope0")
+        );
+        assert!(
+            msg("eth0").contains("eth0 is not a macvtap link"),
+            "{}",
+            msg("eth0")
+        );
+        assert!(
+            msg("mv0").contains("cannot open") && msg("mv0").contains("tap7"),
+            "{}",
+            msg("mv0")
+        );
+        // A node that opens read-write passes (a regular file stands in).
+        std::fs::write(dev.join("tap7"), "").unwrap();
+        assert!(check_macvtap(&sys, &dev, "mv0").is_ok());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     #[test]
     fn networks_resolve() {
         assert_eq!(resolve_network(None, None).unwrap(), None);
@@ -761,7 +834,8 @@ mod tests {
         for (c, t) in [
             (Some(NetworkChoice::Tap), None),
             (Some(NetworkChoice::Bridge), None),
-            (Some(NetworkChoice::Macvtap), Some("mv0")),
+            (Some(NetworkChoice::Macvtap), None),
+            (Some(NetworkChoice::Macvtap), Some("ksnolink0")),
             (Some(NetworkChoice::User), Some("ks0")),
             (Some(NetworkChoice::Tap), Some("a/b")),
             (Some(NetworkChoice::Tap), Some("waytoolonganame0")),

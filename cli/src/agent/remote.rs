@@ -42,25 +42,23 @@ pub fn attach(paths: &AgentPaths, name: Option<&str>) -> Result<u8, AgentError> 
 /// `exec`: run `cmd` in /workspace; returns the command's exit code.
 pub fn exec(paths: &AgentPaths, name: Option<&str>, cmd: &[String]) -> Result<u8, AgentError> {
     let s = running(paths, name)?;
-    let key = key_for(&s).map_err(ssh_err)?;
-    Ok(exit_code(
-        ssh::exec(&target(&s), &key, cmd).map_err(ssh_err)?,
-    ))
+    ssh::exec(&target(&s), &|| key_for(&s), cmd).map_err(ssh_err)
 }
 
 /// `proxy`: bridge stdin/stdout to guest vsock `port` of the sandbox `name`,
-/// or of the VMM socket `socket`.
+/// or of the VMM socket `socket`; cut after `max_bytes` from the guest.
 pub fn proxy(
     paths: &AgentPaths,
     name: Option<&str>,
     socket: Option<&Path>,
     port: u32,
+    max_bytes: Option<u64>,
 ) -> Result<(), AgentError> {
     let uds = match socket {
         Some(p) => p.to_path_buf(),
         None => running(paths, name)?.vsock_uds,
     };
-    ssh::proxy(&uds, port).map_err(ssh_err)
+    ssh::proxy(&uds, port, max_bytes).map_err(ssh_err)
 }
 
 /// `ssh-config`: a `Host keystone-<name>` stanza per sandbox (or for one).

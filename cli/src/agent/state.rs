@@ -339,6 +339,12 @@ pub enum Network {
         /// The interface name.
         device: String,
     },
+    /// A macvtap link the user created on a host interface; the guest gets
+    /// its MAC.
+    Macvtap {
+        /// The link's name.
+        device: String,
+    },
     /// No network device.
     None,
 }
@@ -352,6 +358,7 @@ impl Network {
             Network::Tap { device } | Network::Bridge { device } => {
                 Some(format!("tap={device},name={sandbox}"))
             }
+            Network::Macvtap { device } => Some(format!("macvtap={device}")),
             Network::None => None,
         }
     }
@@ -363,6 +370,7 @@ impl std::fmt::Display for Network {
             Network::User => f.write_str("user"),
             Network::Tap { device } => write!(f, "tap ({device})"),
             Network::Bridge { device } => write!(f, "bridge (tap {device})"),
+            Network::Macvtap { device } => write!(f, "macvtap ({device})"),
             Network::None => f.write_str("none"),
         }
     }
@@ -557,6 +565,12 @@ impl Sandbox {
         self.state_dir.join("vmm.log")
     }
 
+    /// `jail/` beside `state/`: where keystone-vmm mounts its jail's root
+    /// (an empty directory on the host).
+    pub fn jail_dir(&self) -> PathBuf {
+        self.state_dir.with_file_name("jail")
+    }
+
     /// `state/supervisor.log`.
     pub fn supervisor_log(&self) -> PathBuf {
         self.state_dir.join("supervisor.log")
@@ -593,15 +607,36 @@ pub fn vsock_socket_path(state_dir: &Path, name: &str) -> Result<PathBuf, StateE
     if fits(&local) {
         return Ok(local);
     }
+    runtime_socket(&format!("{name}.vsock"), &fits)
+}
+
+/// The nearest of `dir` and its ancestors that holds a `.git` (directory,
+/// or file for a worktree), canonical; `None` when git's own environment
+/// (`GIT_DIR`, `GIT_WORK_TREE`) could point elsewhere.
+fn nearest_git_dir(dir: &Path) -> Option<PathBuf> {
+    if std::env::var_os("GIT_DIR").is_some() || std::env::var_os("GIT_WORK_TREE").is_some() {
+        return None;
+    }
+    let dir = std::fs::canonicalize(dir).ok()?;
+    dir.ancestors()
+        .find(|d| d.join(".git").symlink_metadata().is_ok())
+        .map(Path::to_path_buf)
+}
+
+/// A socket `file` in the user's private runtime directory, for a path
+/// too long in the state directory: `$XDG_RUNTIME_DIR/keystone/` when
+/// that fits `fits`, else `/tmp/keystone-<uid>/` (created 0700 and checked
+/// to be the user's alone).
+pub fn runtime_socket(file: &str, fits: &dyn Fn(&Path) -> bool) -> Result<PathBuf, StateError> {
     // SAFETY: getuid cannot fail.
     let uid = unsafe { libc::getuid() };
     let runtime = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
         .map(|p| p.join("keystone"))
-        .filter(|p| fits(&p.join(format!("{name}.vsock"))))
+        .filter(|p| fits(&p.join(file)))
         .unwrap_or_else(|| PathBuf::from(format!("/tmp/keystone-{uid}")));
-    let path = runtime.join(format!("{name}.vsock"));
+    let path = runtime.join(file);
     if !fits(&path) {
         return Err(StateError::Socket(format!(
             "{} is too long for a Unix socket",
@@ -790,12 +825,19 @@ impl Registry {
             path: PathBuf::from("."),
             source: e,
         })?;
-        let project = disk::git_toplevel(&here).map_err(|_| {
-            LookupError::NoProjectSandbox(format!(
-                "{} is not inside a git repository: name the sandbox",
-                here.display()
-            ))
-        })?;
+        // The nearest directory holding `.git` is the top level git would
+        // name; when a sandbox has it, no git process is needed (an `exec`
+        // loop pays for every process). Otherwise git decides.
+        let project =
+            match nearest_git_dir(&here).filter(|p| list.iter().any(|s| s.project_path == *p)) {
+                Some(p) => p,
+                None => disk::git_toplevel(&here).map_err(|_| {
+                    LookupError::NoProjectSandbox(format!(
+                        "{} is not inside a git repository: name the sandbox",
+                        here.display()
+                    ))
+                })?,
+            };
         let mut mine: Vec<Sandbox> = list
             .into_iter()
             .filter(|s| s.project_path == project)
@@ -860,6 +902,29 @@ mod tests {
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         p
+    }
+
+    /// The `.git` walk names the same top level as `git rev-parse
+    /// --show-toplevel`, for a repository and for a nested worktree.
+    #[test]
+    fn the_nearest_git_directory_is_gits_top_level() {
+        let root = std::fs::canonicalize(temp_root("gitdir")).unwrap();
+        let repo = root.join("repo");
+        let deep = repo.join("a/b");
+        std::fs::create_dir_all(&deep).unwrap();
+        let st = std::process::Command::new("git")
+            .args(["init", "-q"])
+            .arg(&repo)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert_eq!(nearest_git_dir(&deep).unwrap(), repo);
+        assert_eq!(disk::git_toplevel(&deep).unwrap(), repo);
+        // A `.git` file (worktree, submodule) makes its own top level.
+        std::fs::write(repo.join("a/.git"), "gitdir: /nowhere\n").unwrap();
+        assert_eq!(nearest_git_dir(&deep).unwrap(), repo.join("a"));
+        assert!(nearest_git_dir(Path::new("/")).is_none_or(|p| p.join(".git").exists()));
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     fn sandbox(name: &str, cid: u32) -> Sandbox {

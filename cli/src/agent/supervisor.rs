@@ -6,12 +6,14 @@
 //! (the VMM forwards guest connections to host port P to `<uds>_P`):
 //! [`READY_PORT`] for the readiness message and [`NOTIFY_PORT`] for commit
 //! notifications. Then it spawns `keystone-vmm` (stdout, the serial console,
-//! to `state/console.log`; stderr to `state/vmm.log`; SIGKILLed by the kernel
+//! to `state/console.log`; stderr through a pipe into `state/vmm.log`, which
+//! rotates like the supervisor's own log, see [`super::logs`]; SIGKILLed by the kernel
 //! if the supervisor dies), records both pids, and waits. A valid readiness
 //! message marks the sandbox `running`; SIGTERM/SIGINT/SIGHUP stop the VMM
 //! (SIGTERM, then SIGKILL after 10 s); when the VMM exits the sandbox is
 //! marked `stopped` (or `failed` if it never got ready) and the sockets are
-//! removed. Its own stderr is `state/supervisor.log`.
+//! removed. Its own stdout and stderr are `state/supervisor.log`; lines the
+//! guest can trigger go through [`guest_log`]'s budget.
 //!
 //! # Readiness protocol (guest → host port 1024)
 //!
@@ -36,8 +38,10 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
+
+use super::logs::{GuestLines, RotatingLog, LOG_CAP};
 
 use super::state::{
     format_time, now, write_atomic, AgentPaths, ProcessId, Sandbox, Status, SyncMode,
@@ -75,12 +79,47 @@ extern "C" fn on_stop_signal(_signal: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 
-fn log(msg: impl std::fmt::Display) {
-    eprintln!(
-        "{} supervisor[{}]: {msg}",
+/// The supervisor's log (`state/supervisor.log`, also its stdout and
+/// stderr), once `supervise` opened it; until then lines go to stderr.
+static LOG: Mutex<Option<RotatingLog>> = Mutex::new(None);
+/// The budget of lines a guest can trigger.
+static GUEST_LINES: Mutex<Option<GuestLines>> = Mutex::new(None);
+
+/// Writes one line (or a few) to the supervisor's log.
+pub fn log(msg: impl std::fmt::Display) {
+    let line = format!(
+        "{} supervisor[{}]: {msg}\n",
         format_time(now()),
         std::process::id()
     );
+    let mut guard = LOG.lock().unwrap_or_else(|e| e.into_inner());
+    match guard.as_mut() {
+        Some(log) => {
+            if log.write(line.as_bytes()).is_err() {
+                eprint!("{line}");
+            }
+        }
+        None => eprint!("{line}"),
+    }
+}
+
+/// [`log`] for a line the guest triggered: a burst, then one per
+/// [`super::logs::GUEST_LINES_EVERY`], saying how many were dropped.
+pub fn guest_log(msg: impl std::fmt::Display) {
+    let allowed = {
+        let mut guard = GUEST_LINES.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .get_or_insert_with(|| GuestLines::new(Instant::now()))
+            .allow(Instant::now())
+    };
+    match allowed {
+        Some(0) => log(msg),
+        Some(n) => log(format_args!(
+            "{msg} ({n} earlier guest-triggered line{} dropped)",
+            if n == 1 { "" } else { "s" }
+        )),
+        None => {}
+    }
 }
 
 /// One SSH host key from a readiness message.
@@ -110,6 +149,10 @@ pub enum ReadyError {
     /// The connection closed before `end`.
     #[error("readiness message ended before 'end'")]
     Truncated,
+    /// No host key from an image that runs sshd: accepting it would leave
+    /// nothing pinned, and a later message's key would be taken unchecked.
+    #[error("readiness message without host keys from an image with SSH")]
+    NoKeys,
 }
 
 /// At most 60 characters of untrusted text, escaped, for messages.
@@ -189,6 +232,16 @@ pub fn read_ready(r: impl Read) -> Result<Vec<HostKey>, ReadyError> {
     }
 }
 
+/// Parses a readiness message and, when the image runs sshd (`need_keys`),
+/// insists on at least one host key.
+pub fn read_ready_for(r: impl Read, need_keys: bool) -> Result<Vec<HostKey>, ReadyError> {
+    let keys = read_ready(r)?;
+    if need_keys && keys.is_empty() {
+        return Err(ReadyError::NoKeys);
+    }
+    Ok(keys)
+}
+
 /// `state/host_keys` contents for `keys`.
 pub fn host_keys_text(keys: &[HostKey]) -> String {
     keys.iter()
@@ -236,7 +289,12 @@ enum Outcome {
     Fatal(String),
 }
 
-fn ready_listener(listener: UnixListener, host_keys: std::path::PathBuf, tx: mpsc::Sender<Event>) {
+fn ready_listener(
+    listener: UnixListener,
+    host_keys: std::path::PathBuf,
+    need_keys: bool,
+    tx: mpsc::Sender<Event>,
+) {
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(s) => s,
@@ -248,15 +306,18 @@ fn ready_listener(listener: UnixListener, host_keys: std::path::PathBuf, tx: mps
         };
         let _ = stream.set_read_timeout(Some(READY_READ_TIMEOUT));
         let deadline = Instant::now() + READY_READ_TIMEOUT;
-        let result = read_ready(DeadlineReader {
-            stream: &stream,
-            deadline,
-        });
+        let result = read_ready_for(
+            DeadlineReader {
+                stream: &stream,
+                deadline,
+            },
+            need_keys,
+        );
         drop(stream);
         let event = match result {
             Ok(keys) => match pin_host_keys(&host_keys, &keys) {
                 Ok(()) => {
-                    log(format_args!(
+                    guest_log(format_args!(
                         "guest is ready ({} host key{})",
                         keys.len(),
                         if keys.len() == 1 { "" } else { "s" }
@@ -266,7 +327,7 @@ fn ready_listener(listener: UnixListener, host_keys: std::path::PathBuf, tx: mps
                 Err(e) => Event::Fatal(e),
             },
             Err(e) => {
-                log(format_args!("ready port: {e}"));
+                guest_log(format_args!("ready port: {e}"));
                 continue;
             }
         };
@@ -317,7 +378,7 @@ fn notify_listener(listener: UnixListener, sandbox: Sandbox, hooks: GuestHooks) 
         drop(stream);
         match sandbox.sync_mode {
             SyncMode::AutoCommit | SyncMode::AutoIdle => (hooks.on_commit)(&sandbox),
-            SyncMode::Manual => log("guest commit notification (sync mode manual: ignored)"),
+            SyncMode::Manual => guest_log("guest commit notification (sync mode manual: ignored)"),
         }
     }
 }
@@ -371,6 +432,10 @@ pub fn supervise(paths: &AgentPaths, name: &str, hooks: GuestHooks) -> Result<()
         .launch
         .clone()
         .ok_or_else(|| AgentError::Internal(format!("sandbox {name} has no launch settings")))?;
+    match RotatingLog::open(&sandbox.supervisor_log(), LOG_CAP).and_then(RotatingLog::onto_stdio) {
+        Ok(l) => *LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(l),
+        Err(e) => log(format_args!("{}: {e}", sandbox.supervisor_log().display())),
+    }
     log(format_args!("starting sandbox {name}"));
 
     let fail = |reason: String| -> AgentError {
@@ -388,6 +453,8 @@ pub fn supervise(paths: &AgentPaths, name: &str, hooks: GuestHooks) -> Result<()
     };
 
     sandbox.remove_sockets();
+    // A master of a previous boot cannot outlive it, but its socket can.
+    super::ssh::close_masters(&super::session::target(&sandbox));
     let bind = |port: u32| {
         let path = sandbox.port_socket(port);
         UnixListener::bind(&path).map_err(|e| format!("bind {}: {e}", path.display()))
@@ -395,20 +462,23 @@ pub fn supervise(paths: &AgentPaths, name: &str, hooks: GuestHooks) -> Result<()
     let ready = bind(READY_PORT).map_err(fail)?;
     let notify = bind(NOTIFY_PORT).map_err(fail)?;
 
-    let console = sandbox.console_log();
-    if console.exists() {
-        let mut old = console.clone().into_os_string();
-        old.push(".1");
-        let _ = std::fs::rename(&console, old);
+    // The previous run's console and VMM logs become `.1`.
+    for path in [sandbox.console_log(), sandbox.vmm_log()] {
+        if path.exists() {
+            let _ = std::fs::rename(&path, RotatingLog::old_path(&path));
+        }
     }
-    let open = |p: &Path| std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()));
-    let console_file = open(&console).map_err(fail)?;
-    let vmm_log = open(&sandbox.vmm_log()).map_err(fail)?;
+    let console = sandbox.console_log();
+    let console_file =
+        std::fs::File::create(&console).map_err(|e| fail(format!("{}: {e}", console.display())))?;
+    let mut vmm_log = RotatingLog::open(&sandbox.vmm_log(), LOG_CAP)
+        .map_err(|e| fail(format!("{}: {e}", sandbox.vmm_log().display())))?;
 
     let (tx, rx) = mpsc::channel();
     let host_keys = sandbox.host_keys();
     let ready_tx = tx.clone();
-    std::thread::spawn(move || ready_listener(ready, host_keys, ready_tx));
+    let need_keys = sandbox.image.as_ref().is_some_and(|i| i.ssh);
+    std::thread::spawn(move || ready_listener(ready, host_keys, need_keys, ready_tx));
     let notify_sandbox = sandbox.clone();
     std::thread::spawn(move || notify_listener(notify, notify_sandbox, hooks));
     drop(tx);
@@ -417,7 +487,7 @@ pub fn supervise(paths: &AgentPaths, name: &str, hooks: GuestHooks) -> Result<()
     cmd.args(&launch.args)
         .stdin(Stdio::null())
         .stdout(console_file)
-        .stderr(vmm_log);
+        .stderr(Stdio::piped());
     // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -431,6 +501,19 @@ pub fn supervise(paths: &AgentPaths, name: &str, hooks: GuestHooks) -> Result<()
         .spawn()
         .map_err(|e| fail(format!("cannot run {}: {e}", launch.vmm.display())))?;
     let vmm = ProcessId::of(child.id());
+    // The VMM's stderr through a pipe into the rotating `vmm.log`: what
+    // the guest makes it log is bounded here, whatever the VMM does.
+    let (log_done_tx, log_done) = mpsc::channel::<()>();
+    if let Some(mut stderr) = child.stderr.take() {
+        std::thread::spawn(move || {
+            if let Err(e) = vmm_log.copy_from(&mut stderr) {
+                // Keep draining: a VMM blocked on a full pipe stops its guest.
+                log(format_args!("vmm.log: {e}; dropping the VMM's log"));
+                let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+            }
+            let _ = log_done_tx.send(());
+        });
+    }
     log(format_args!(
         "keystone-vmm pid {} (cid {}, socket {})",
         child.id(),
@@ -474,7 +557,7 @@ pub fn supervise(paths: &AgentPaths, name: &str, hooks: GuestHooks) -> Result<()
                     log(format_args!("recording readiness: {e}"));
                 }
             }
-            Ok(Event::Ready) => log("guest sent another readiness message"),
+            Ok(Event::Ready) => guest_log("guest sent another readiness message"),
             Ok(Event::Fatal(reason)) => break Outcome::Fatal(reason),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -514,7 +597,11 @@ pub fn supervise(paths: &AgentPaths, name: &str, hooks: GuestHooks) -> Result<()
             (Status::Failed, Some(reason))
         }
     };
+    // The VMM's last lines reach vmm.log before the stop is recorded (start
+    // reads them on a failure); a pipe held open elsewhere does not hold us.
+    let _ = log_done.recv_timeout(Duration::from_secs(2));
     sandbox.remove_sockets();
+    super::ssh::close_masters(&super::session::target(&sandbox));
     let recorded = reg.modify(name, |s| {
         if s.supervisor == Some(me) {
             s.status = status;
@@ -537,6 +624,18 @@ mod tests {
 
     fn parse(s: &str) -> Result<Vec<HostKey>, ReadyError> {
         read_ready(s.as_bytes())
+    }
+
+    #[test]
+    fn an_image_with_ssh_must_send_a_host_key() {
+        let empty = "keystone-ready 1\nend\n";
+        assert_eq!(read_ready_for(empty.as_bytes(), false), Ok(vec![]));
+        assert_eq!(
+            read_ready_for(empty.as_bytes(), true),
+            Err(ReadyError::NoKeys)
+        );
+        let one = "keystone-ready 1\nhostkey ssh-ed25519 AAAA\nend\n";
+        assert_eq!(read_ready_for(one.as_bytes(), true).unwrap().len(), 1);
     }
 
     #[test]

@@ -45,6 +45,11 @@ pub mod exit {
 
 /// Longest a fetch from the guest may take.
 pub const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(900);
+/// Most bytes a fetch reads from the guest (the SSH stream carrying the
+/// ref listing and the pack): the proxy cuts the connection past it.
+pub const FETCH_MAX_BYTES: u64 = 2 << 30;
+/// Most guest branches one sync fetches (each becomes a host ref).
+pub const MAX_REFS: usize = 10_000;
 /// Most bytes `--artifacts` reads from the guest, and the largest file.
 pub const ARTIFACTS_MAX_BYTES: u64 = 8 << 30;
 /// Most entries `--artifacts` accepts.
@@ -59,6 +64,12 @@ pub enum SyncError {
     /// Reaching the guest.
     #[error(transparent)]
     Ssh(#[from] SshError),
+    /// More guest branches than one sync takes.
+    #[error("the sandbox has {0} branches; sync fetches at most {MAX_REFS} (delete some in the sandbox)")]
+    TooManyRefs(usize),
+    /// The guest sent more than [`FETCH_MAX_BYTES`] during the fetch.
+    #[error("the fetch was cut: the sandbox sent more than {} MiB (nothing was kept)", FETCH_MAX_BYTES >> 20)]
+    TooLarge,
     /// A host git command failed.
     #[error("git {args}: {msg}")]
     Git {
@@ -96,6 +107,12 @@ pub struct Pending {
     pub branches: BTreeMap<String, Vec<NewCommit>>,
     /// `git status --porcelain` lines of the guest workspace (sanitised).
     pub uncommitted: Vec<String>,
+    /// Every guest branch (names as git has them, each checked with
+    /// [`valid_branch`]): exactly these are fetched, nothing the guest
+    /// advertises besides.
+    pub refs: Vec<String>,
+    /// Guest branch names that are not valid git branch names (skipped).
+    pub bad_refs: usize,
 }
 
 impl Pending {
@@ -155,6 +172,25 @@ enum HostGit {
 /// Host git with hooks off ([`HostGit::NoHooks`]).
 fn git(project: &Path, args: &[&str]) -> Result<String, SyncError> {
     git_in(project, HostGit::NoHooks, args)
+}
+
+/// Host git with hooks off and `input` on its stdin.
+fn git_with_input(project: &Path, args: &[&str], input: &[u8]) -> Result<(), SyncError> {
+    let fail = |msg: String| SyncError::Git {
+        args: args.join(" "),
+        msg,
+    };
+    let mut cmd = Command::new("git");
+    cmd.arg("-C")
+        .arg(project)
+        .args(["-c", "core.hooksPath=/dev/null"])
+        .args(args);
+    let run = ssh::run_bounded_with_input(cmd, input, std::time::Duration::from_secs(120), 0)
+        .map_err(|e| fail(e.to_string()))?;
+    match run.status {
+        Some(st) if st.success() => Ok(()),
+        _ => Err(fail(run.stderr_line())),
+    }
 }
 
 /// Host git in `project`, configured as `how`; returns trimmed stdout.
@@ -234,6 +270,7 @@ fn pending_script(workspace: &str) -> String {
         "cd {workspace} || exit 90\n\
          not=$(mktemp) || exit 92\n\
          git cat-file --batch-check='%(objectname) %(objecttype)' | awk '$2 == \"commit\" {{ print \"^\" $1 }}' > \"$not\"\n\
+         git for-each-ref --format='R%00%(refname)' refs/heads\n\
          git for-each-ref --format='%(refname:short)' refs/heads | while IFS= read -r b; do\n\
            git log --format=\"B%x00$b%x00%h%x00%s\" \"refs/heads/$b\" --stdin -- < \"$not\" || exit 91\n\
          done\n\
@@ -258,10 +295,33 @@ pub fn parse_pending(out: &str) -> Pending {
                     subject: sanitize(&subject.join(" ")),
                 }),
             ["U", status] => p.uncommitted.push(sanitize(status)),
+            ["R", full] => match full.strip_prefix("refs/heads/").filter(|b| valid_branch(b)) {
+                Some(b) => p.refs.push(b.to_string()),
+                None => p.bad_refs += 1,
+            },
             _ => {}
         }
     }
     p
+}
+
+/// Whether `b` is a branch name git accepts (`git check-ref-format
+/// --branch`'s rules, stricter where cheap): it is then safe inside a
+/// refspec line (no `:`, `*`, `^`, whitespace or control character).
+pub fn valid_branch(b: &str) -> bool {
+    !b.is_empty()
+        && b.len() <= 1024
+        && !b.starts_with(['-', '/', '.'])
+        && !b.ends_with(['/', '.'])
+        && !b.ends_with(".lock")
+        && !b.contains("..")
+        && !b.contains("//")
+        && !b.contains("@{")
+        && !b.contains("/.")
+        && b != "@"
+        && !b
+            .bytes()
+            .any(|c| c <= b' ' || c == 0x7f || b"~^:?*[\\".contains(&c))
 }
 
 /// Print the report every sync starts with.
@@ -280,6 +340,13 @@ pub fn report(p: &Pending) -> String {
                 s.push_str(&format!("    {} {}\n", c.short, c.subject));
             }
         }
+    }
+    if p.bad_refs > 0 {
+        s.push_str(&format!(
+            "Skipped {} sandbox branch name{} git would refuse.\n",
+            p.bad_refs,
+            if p.bad_refs == 1 { "" } else { "s" }
+        ));
     }
     if !p.uncommitted.is_empty() {
         s.push_str("Uncommitted changes (will NOT sync):\n");
@@ -307,26 +374,79 @@ pub fn fetched_not_merged(project: &Path, name: &str) -> Option<(String, usize)>
     (n > 0).then_some((branch, n))
 }
 
-/// Fetch the sandbox's branches into `refs/keystone/<name>/*` and
-/// fast-forward the host's current branch when safe.
+/// Fetch the sandbox's branches (`refs`, from [`pending`]) into
+/// `refs/keystone/<name>/*` and fast-forward the host's current branch when
+/// safe.
 pub fn fetch_and_fast_forward(
     t: &Target,
     key: &UserKey,
     project: &Path,
+    refs: &[String],
     allow_executable: bool,
 ) -> Result<Outcome, SyncError> {
-    let opts = ssh::ssh_options(t, key)?;
-    let ssh_cmd = std::iter::once("ssh".to_string())
-        .chain(opts.iter().map(|o| ssh::shell_quote(o)))
+    // ssh under `keystone agent __capped`: the pack is cut at the cap even
+    // when ssh rides the master (whose connection no proxy cap covers).
+    let opts = ssh::ssh_options_for_fetch(t, key, FETCH_MAX_BYTES)?;
+    let capped = [
+        ssh::self_exe().to_string_lossy().into_owned(),
+        "agent".into(),
+        "__capped".into(),
+        "--max-bytes".into(),
+        FETCH_MAX_BYTES.to_string(),
+        "--".into(),
+        "ssh".into(),
+    ];
+    let ssh_cmd = capped
+        .iter()
+        .chain(opts.iter())
+        .map(|o| ssh::shell_quote(o))
         .collect::<Vec<_>>()
         .join(" ");
-    let url = format!("ssh://{}@{}{WORKSPACE}", ssh::GUEST_USER, t.alias());
-    let refspec = format!("+refs/heads/*:{}*", ref_prefix(&t.name));
-    let mut fetch = Command::new("git");
-    fetch
-        .arg("-C")
-        .arg(project)
-        .args([
+    let remote = Remote {
+        url: format!("ssh://{}@{}{WORKSPACE}", ssh::GUEST_USER, t.alias()),
+        protocol: "ssh",
+        // OpenSSH behind the wrapper (git cannot tell from its name).
+        env: vec![
+            ("GIT_SSH_COMMAND", ssh_cmd),
+            ("GIT_SSH_VARIANT", "ssh".into()),
+        ],
+    };
+    fetch_refs(project, &t.name, refs, &remote, FETCH_TIMEOUT)?;
+    fast_forward(project, &t.name, allow_executable)
+}
+
+/// Where a fetch reads from.
+struct Remote {
+    url: String,
+    /// The one transport allowed (`protocol.<p>.allow=always`).
+    protocol: &'static str,
+    env: Vec<(&'static str, String)>,
+}
+
+/// Step 2: fetch exactly the branches `refs` from `remote` into
+/// `refs/keystone/<name>/*` and delete the refs there whose branch the
+/// guest no longer has. At most [`MAX_REFS`]; the refspecs go over stdin.
+/// Every object lands in one pack (`fetch.unpackLimit=1`), so a fetch that
+/// fails or is cut leaves nothing: its `tmp_pack_*` files are removed.
+fn fetch_refs(
+    project: &Path,
+    name: &str,
+    refs: &[String],
+    remote: &Remote,
+    limit: std::time::Duration,
+) -> Result<(), SyncError> {
+    if refs.len() > MAX_REFS {
+        return Err(SyncError::TooManyRefs(refs.len()));
+    }
+    let prefix = ref_prefix(name);
+    if !refs.is_empty() {
+        let refspecs: String = refs
+            .iter()
+            .map(|b| format!("+refs/heads/{b}:{prefix}{b}\n"))
+            .collect();
+        let allow = format!("protocol.{}.allow=always", remote.protocol);
+        let mut fetch = Command::new("git");
+        fetch.arg("-C").arg(project).args([
             "-c",
             "core.hooksPath=/dev/null",
             "-c",
@@ -334,35 +454,89 @@ pub fn fetch_and_fast_forward(
             "-c",
             "fetch.fsckObjects=true",
             "-c",
+            "fetch.unpackLimit=1",
+            "-c",
+            "protocol.version=2",
+            "-c",
             "protocol.allow=never",
             "-c",
-            "protocol.ssh.allow=always",
+            &allow,
             "fetch",
             "--no-tags",
-            "--prune",
+            "--no-recurse-submodules",
+            "--no-write-fetch-head",
             "--quiet",
-            &url,
-            &refspec,
-        ])
-        .env("GIT_SSH_COMMAND", ssh_cmd)
-        .env("GIT_TERMINAL_PROMPT", "0");
-    let (status, _) = ssh::run_bounded(fetch, FETCH_TIMEOUT, 64 * 1024)?;
-    match status {
-        Some(st) if st.success() => {}
-        Some(st) => {
+            "--stdin",
+            &remote.url,
+        ]);
+        fetch.envs(remote.env.iter().map(|(k, v)| (k, v)));
+        fetch.env("GIT_TERMINAL_PROMPT", "0");
+        let leftovers = PackLeftovers::before(project);
+        let run = ssh::run_bounded_with_input(fetch, refspecs.as_bytes(), limit, 64 * 1024)?;
+        if run.status.is_none_or(|st| !st.success()) {
+            leftovers.remove_new();
+            if String::from_utf8_lossy(&run.stderr).contains(ssh::GUEST_OVER_CAP) {
+                return Err(SyncError::TooLarge);
+            }
             return Err(SyncError::Git {
                 args: "fetch".into(),
-                msg: format!("failed ({st})"),
-            })
-        }
-        None => {
-            return Err(SyncError::Git {
-                args: "fetch".into(),
-                msg: format!("no progress within {} s", FETCH_TIMEOUT.as_secs()),
-            })
+                msg: match run.status {
+                    Some(st) => format!("failed ({st}): {}", run.stderr_line()),
+                    None => format!("no progress within {} s", limit.as_secs()),
+                },
+            });
         }
     }
-    fast_forward(project, &t.name, allow_executable)
+    // Prune: refs under the prefix whose branch is gone from the guest.
+    let have = git(project, &["for-each-ref", "--format=%(refname)", &prefix])?;
+    let keep: std::collections::BTreeSet<String> =
+        refs.iter().map(|b| format!("{prefix}{b}")).collect();
+    let deletes: String = have
+        .lines()
+        .filter(|r| !r.is_empty() && !keep.contains(*r))
+        .map(|r| format!("delete {r}\n"))
+        .collect();
+    if !deletes.is_empty() {
+        git_with_input(project, &["update-ref", "--stdin"], deletes.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The `tmp_*` files in the repository's pack directory before a fetch, to
+/// remove what a failed one left (index-pack's `tmp_pack_*`, `tmp_idx_*`,
+/// `tmp_rev_*`); those that were there before are not ours.
+struct PackLeftovers {
+    dir: Option<PathBuf>,
+    before: std::collections::BTreeSet<std::ffi::OsString>,
+}
+
+impl PackLeftovers {
+    fn before(project: &Path) -> PackLeftovers {
+        let dir = git(project, &["rev-parse", "--git-common-dir"])
+            .ok()
+            .map(|d| project.join(d).join("objects").join("pack"));
+        let before = dir.as_deref().map(Self::tmp_files).unwrap_or_default();
+        PackLeftovers { dir, before }
+    }
+
+    fn tmp_files(dir: &Path) -> std::collections::BTreeSet<std::ffi::OsString> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with("tmp_"))
+            .collect()
+    }
+
+    fn remove_new(&self) {
+        let Some(dir) = &self.dir else { return };
+        for name in Self::tmp_files(dir) {
+            if !self.before.contains(&name) {
+                let _ = std::fs::remove_file(dir.join(&name));
+            }
+        }
+    }
 }
 
 /// Step 3 (after the fetch): fast-forward the host's current branch to the
@@ -814,11 +988,12 @@ mod tests {
         );
         let mut sh = Command::new("sh");
         sh.arg("-c").arg(&script);
-        let (st, out) =
+        let run =
             ssh::run_bounded_with_input(sh, &input, std::time::Duration::from_secs(120), 8 << 20)
                 .unwrap();
-        assert!(st.unwrap().success());
-        let p = parse_pending(&String::from_utf8_lossy(&out));
+        assert!(run.status.unwrap().success());
+        let p = parse_pending(&String::from_utf8_lossy(&run.stdout));
+        assert_eq!(p.refs, vec!["main"], "branches are listed, other refs not");
         assert_eq!(
             p.commit_count(),
             1,
@@ -930,6 +1105,126 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(!marker.exists(), "the smudge filter ran");
+    }
+
+    /// A fake `ssh` for fetches from `guest`: runs the remote command git
+    /// asks for (`git-upload-pack '/workspace'`) in `guest`, its output cut
+    /// after `cut` bytes when given (what the capped proxy does).
+    fn fake_ssh(dir: &Path, guest: &Path, cut: Option<u64>) -> Remote {
+        let script = dir.join(format!("fake-ssh-{}", cut.unwrap_or(0)));
+        // dd, not head: GNU head waits to fill its buffer.
+        let tail = cut
+            .map(|n| format!(" | dd iflag=count_bytes count={n} bs=65536 status=none"))
+            .unwrap_or_default();
+        std::fs::write(
+            &script,
+            format!(
+                "for a; do cmd=$a; done\ncd '{}' || exit 1\n\
+                 eval \"$(printf %s \"$cmd\" | sed \"s|'/workspace'|.|\")\"{tail}\n",
+                guest.display()
+            ),
+        )
+        .unwrap();
+        Remote {
+            url: "ssh://guest@keystone-sb/workspace".into(),
+            protocol: "ssh",
+            env: vec![
+                ("GIT_SSH_COMMAND", format!("sh {}", script.display())),
+                ("GIT_SSH_VARIANT", "ssh".into()),
+            ],
+        }
+    }
+
+    fn keystone_refs(r: &Repo) -> Vec<String> {
+        let out = r.git(&["for-each-ref", "--format=%(refname)", "refs/keystone/"]);
+        out.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn fetch_takes_exactly_the_listed_branches_and_prunes_the_rest() {
+        let host = Repo::new("fetch-host");
+        let guest = Repo::new("fetch-guest");
+        guest.git(&["branch", "feature"]);
+        guest.git(&["branch", "unlisted"]);
+        host.git(&["update-ref", "refs/keystone/sb/gone", "HEAD"]);
+        let remote = fake_ssh(&host.0, &guest.0, None);
+        let refs = vec!["main".to_string(), "feature".to_string()];
+        let minute = std::time::Duration::from_secs(60);
+        fetch_refs(&host.0, "sb", &refs, &remote, minute).unwrap();
+        assert_eq!(
+            keystone_refs(&host),
+            vec!["refs/keystone/sb/feature", "refs/keystone/sb/main"],
+            "listed branches fetched, an unlisted one not, a stale one pruned"
+        );
+        assert_eq!(
+            host.git(&["rev-parse", "refs/keystone/sb/main"]),
+            guest.head()
+        );
+        let many: Vec<String> = (0..=MAX_REFS).map(|i| format!("b{i}")).collect();
+        assert!(matches!(
+            fetch_refs(&host.0, "sb", &many, &remote, minute),
+            Err(SyncError::TooManyRefs(n)) if n == MAX_REFS + 1
+        ));
+    }
+
+    #[test]
+    fn a_fetch_cut_mid_pack_leaves_nothing_in_the_repository() {
+        let host = Repo::new("cut-host");
+        let guest = Repo::new("cut-guest");
+        // Incompressible content: the pack is ~2 MiB.
+        let mut noise = Vec::with_capacity(2 << 20);
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        while noise.len() < 2 << 20 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            noise.extend_from_slice(&x.to_le_bytes());
+        }
+        std::fs::write(guest.0.join("big.bin"), &noise).unwrap();
+        guest.commit("big");
+        let pack_dir = host.0.join(".git/objects/pack");
+        std::fs::create_dir_all(&pack_dir).unwrap();
+        std::fs::write(pack_dir.join("tmp_pack_users_own"), b"x").unwrap();
+        let objects_before = host.git(&["count-objects", "-v"]);
+        let remote = fake_ssh(&host.0, &guest.0, Some(1 << 20));
+        let refs = vec!["main".to_string()];
+        let err = fetch_refs(
+            &host.0,
+            "sb",
+            &refs,
+            &remote,
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap_err();
+        assert!(matches!(err, SyncError::Git { .. }), "{err}");
+        let left: Vec<String> = std::fs::read_dir(&pack_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            left,
+            vec!["tmp_pack_users_own"],
+            "only what was there before"
+        );
+        assert_eq!(host.git(&["count-objects", "-v"]), objects_before);
+        assert!(keystone_refs(&host).is_empty());
+    }
+
+    #[test]
+    fn branch_names_are_checked_before_they_become_refspecs() {
+        for ok in ["main", "feature/x", "ünï", "a.b", "v1@2"] {
+            assert!(valid_branch(ok), "{ok}");
+        }
+        for bad in [
+            "", "-x", "/a", "a/", "a.", ".a", "a..b", "a//b", "a/.b", "a.lock", "@", "a@{1}",
+            "a b", "a:b", "a*", "a?", "a[", "a\\b", "a~1", "a^", "a\tb", "a\u{7f}",
+        ] {
+            assert!(!valid_branch(bad), "{bad:?}");
+        }
+        let p = parse_pending("R\0refs/heads/main\nR\0refs/heads/a:b\nR\0refs/tags/x\n");
+        assert_eq!(p.refs, vec!["main"]);
+        assert_eq!(p.bad_refs, 2);
+        assert!(report(&p).contains("Skipped 2 sandbox branch names"));
     }
 
     #[test]

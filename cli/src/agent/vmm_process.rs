@@ -107,7 +107,53 @@ pub fn launch_args(
         args.push(net);
     }
     args.push("--boot-timer".into());
+    if jail_available().is_ok() {
+        // The caller's own ids: as root uid 0 without any capability (the
+        // sandbox's sockets are root's), otherwise what the user namespace
+        // maps.
+        // SAFETY: geteuid/getegid have no arguments and cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        args.extend([
+            "--jail".into(),
+            "--jail-dir".into(),
+            path(&s.jail_dir(), "jail")?,
+            "--jail-uid".into(),
+            uid.to_string(),
+            "--jail-gid".into(),
+            gid.to_string(),
+        ]);
+    }
     Ok(args)
+}
+
+/// Whether keystone-vmm's `--jail` can work for this user: always as root;
+/// otherwise when the host lets an unprivileged process create a user
+/// namespace (tried in a child: `unshare(CLONE_NEWUSER)`, then `true`).
+/// The error says why not.
+pub fn jail_available() -> Result<(), String> {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    let mut cmd = Command::new("true");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: the closure runs in the forked child and only calls
+    // unshare(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    match cmd.status() {
+        Ok(st) if st.success() => Ok(()),
+        Ok(st) => Err(format!("a test child exited {st}")),
+        Err(e) => Err(format!("unprivileged user namespaces: {e}")),
+    }
 }
 
 /// Spawns the supervisor of `name`, detached (new session, stdio to

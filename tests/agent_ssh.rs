@@ -3,7 +3,8 @@
 //! project's PVM machines, in the nested real-KVM lane: `tests/lane/suites`).
 //! Real ssh, real sshd, real git in the guest: start, exec, attach/ssh, sync
 //! (every outcome), artifacts, ssh-config, host-key pinning, destroy's guard,
-//! stop, restart with persistence, auto-commit sync.
+//! ports both ways (publish, reach, removed, restored on restart), stop,
+//! restart with persistence, auto-commit sync.
 //!
 //! One sandbox, booted twice, walks through every case in order (boots are
 //! slow in the nested lane).
@@ -15,6 +16,8 @@ mod guest;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent::{code, start_args, stdout, wait_until, World};
@@ -347,6 +350,70 @@ fn agent_sandbox_over_ssh_and_git() {
     assert_eq!(code(&out), 255, "exec with a wrong pinned key must fail");
     std::fs::write(&keys, good).unwrap();
 
+    // Ports both ways over the master (the sandbox has no network at all).
+    // publish: the host's 127.0.0.1:18080 reaches a guest server on 8000.
+    assert_eq!(code(&w.exec(GUEST_SERVER)), 0, "guest server started");
+    let out = w.run(&["agent", "port", "proj", "publish", "8000:18080"]);
+    assert_eq!(code(&out), 0, "publish");
+    wait_until(
+        "the published guest port to answer",
+        Duration::from_secs(30),
+        || host_read(18080).as_deref() == Some("guest-says-hi\n"),
+    );
+    // reach: the guest's 127.0.0.1:P reaches the host's 127.0.0.1:P, and
+    // no other host loopback port.
+    let (reach, reach_hits) = host_server("host-says-hi\n");
+    let (other, other_hits) = host_server("must-not-reach\n");
+    let reach_s = reach.to_string();
+    assert_eq!(
+        code(&w.run(&["agent", "port", "proj", "reach", &reach_s])),
+        0
+    );
+    let out = w.exec(&guest_read(reach));
+    assert_eq!((code(&out), stdout(&out)), (0, "host-says-hi\n".into()));
+    assert_ne!(code(&w.exec(&guest_read(other))), 0, "unlisted host port");
+    assert_eq!(other_hits.load(Ordering::SeqCst), 0);
+    let st = w.status();
+    let ports = st["ports"].as_array().expect("ports in status --json");
+    assert_eq!(ports.len(), 2, "{st}");
+    assert_eq!(
+        (
+            &ports[0]["direction"],
+            &ports[0]["guest_port"],
+            &ports[0]["host_port"]
+        ),
+        (&"publish".into(), &8000.into(), &18080.into())
+    );
+    assert_eq!(ports[1]["direction"], "reach");
+    // Refused: a host port forwarded already (2), a forward that is not
+    // there (1), a port that is not one (2).
+    for (args, want) in [
+        (["publish", "9000:18080"], 2),
+        (["unpublish", "9999"], 1),
+        (["publish", "0"], 2),
+    ] {
+        let mut full = vec!["agent", "port", "proj"];
+        full.extend(args);
+        assert_eq!(code(&w.run(&full)), want, "{args:?}");
+    }
+    // Removed: gone at once.
+    assert_eq!(
+        code(&w.run(&["agent", "port", "proj", "unpublish", "8000"])),
+        0
+    );
+    assert_eq!(
+        code(&w.run(&["agent", "port", "proj", "unreach", &reach_s])),
+        0
+    );
+    assert_eq!(host_read(18080), None, "unpublished port still answers");
+    assert_ne!(code(&w.exec(&guest_read(reach))), 0, "unreached port");
+    assert_eq!(reach_hits.load(Ordering::SeqCst), 1);
+    // Kept for the restart below: a forward comes back with the sandbox.
+    assert_eq!(
+        code(&w.run(&["agent", "port", "proj", "publish", "8000:18080"])),
+        0
+    );
+
     // stop --sync: the pending commit comes home, then the guest powers off.
     w.git(&["reset", "-q", "--hard", "refs/keystone/proj/main"]);
     let out = w.run(&["agent", "stop", "--sync"]);
@@ -382,11 +449,66 @@ fn agent_sandbox_over_ssh_and_git() {
         "wip\n",
         "workspace persisted"
     );
+    // The published port came back with the new master.
+    assert_eq!(code(&w.exec(GUEST_SERVER)), 0, "guest server restarted");
+    wait_until(
+        "the published port after the restart",
+        Duration::from_secs(30),
+        || host_read(18080).as_deref() == Some("guest-says-hi\n"),
+    );
     w.guest_commit("guest five");
     wait_until("auto-commit sync", Duration::from_secs(120), || {
         w.head_subject() == "guest five"
     });
     assert_eq!(code(&w.run(&["agent", "stop"])), 0);
+}
+
+/// A guest server on 127.0.0.1:8000 answering each connection with one
+/// line, in the background.
+const GUEST_SERVER: &str = r#"setsid -f python3 -c '
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 8000))
+s.listen()
+while True:
+    c, _ = s.accept()
+    c.sendall(b"guest-says-hi\n")
+    c.close()
+' </dev/null >/dev/null 2>&1"#;
+
+/// What the host's 127.0.0.1:`port` sends before closing; `None` when
+/// nothing listens (or the connection carries nothing).
+fn host_read(port: u16) -> Option<String> {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut c, &mut s).ok()?;
+    (!s.is_empty()).then_some(s)
+}
+
+/// A host server on a free 127.0.0.1 port answering `line`; its port and
+/// how many connections it took.
+fn host_server(line: &'static str) -> (u16, Arc<AtomicUsize>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            h.fetch_add(1, Ordering::SeqCst);
+            let _ = c.write_all(line.as_bytes());
+        }
+    });
+    (port, hits)
+}
+
+/// A guest command printing what its 127.0.0.1:`port` sends (fails when
+/// nothing listens there).
+fn guest_read(port: u16) -> String {
+    format!(
+        "python3 -c 'import socket; print(socket.create_connection((\"127.0.0.1\", {port}), 10).recv(64).decode(), end=\"\")'"
+    )
 }
 
 /// The sandbox's SSH master: its control socket in `state` and the pid

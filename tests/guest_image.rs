@@ -399,6 +399,7 @@ fn debian_image_boots_logs_in_over_vsock_and_persists() {
         name: "imgtest".into(),
         uds: dir.join("v.sock"),
         state_dir: state.clone(),
+        forwards: Vec::new(),
     };
 
     // Key login as the sandbox user, host key pinned to what the image reported.

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::lifecycle::{self, NetworkChoice, StartOptions};
 use super::state::{format_time, AgentPaths, Sandbox, SyncMode};
-use super::{exit, remote, session, ssh, supervisor, vmm_process, AgentError};
+use super::{exit, ports, remote, session, ssh, supervisor, vmm_process, AgentError};
 
 /// The verbs of `keystone agent`.
 #[derive(Debug, Subcommand)]
@@ -43,6 +43,12 @@ pub enum AgentCommand {
     /// Print ssh_config stanzas so `ssh keystone-<name>` (and editors'
     /// remote SSH) reach the sandboxes.
     SshConfig(SshConfigArgs),
+    /// Ports both ways over the sandbox's SSH connection (vsock): publish a
+    /// guest port on the host's 127.0.0.1, or let the guest reach one host
+    /// 127.0.0.1 port. Kept across restarts. Exit codes: 0 done, 1 no such
+    /// sandbox or forward, or the forward failed (port taken), 2 bad usage
+    /// or the port is already forwarded.
+    Port(PortArgs),
     /// Internal: the per-sandbox supervisor started by `start`.
     #[command(name = "__supervise", hide = true)]
     Supervise(SuperviseArgs),
@@ -216,6 +222,57 @@ pub struct SshConfigArgs {
     pub name: Option<String>,
 }
 
+/// `keystone agent port`.
+#[derive(Debug, Args)]
+pub struct PortArgs {
+    /// The sandbox.
+    pub name: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: PortAction,
+}
+
+/// `keystone agent port NAME ...`.
+#[derive(Debug, Subcommand)]
+pub enum PortAction {
+    /// The host listens on 127.0.0.1:HOST_PORT (default: GUEST_PORT) and
+    /// forwards each connection to the guest's 127.0.0.1:GUEST_PORT.
+    Publish {
+        /// GUEST_PORT[:HOST_PORT].
+        #[arg(value_name = "GUEST_PORT[:HOST_PORT]", value_parser = parse_publish)]
+        spec: (u16, u16),
+    },
+    /// Stop publishing GUEST_PORT.
+    Unpublish {
+        /// The guest port.
+        #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+        guest_port: u16,
+    },
+    /// Let the guest reach the host's 127.0.0.1:HOST_PORT, at its own
+    /// 127.0.0.1:HOST_PORT (nothing else of the host's loopback).
+    Reach {
+        /// The host port.
+        #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+        host_port: u16,
+    },
+    /// Stop letting the guest reach HOST_PORT.
+    Unreach {
+        /// The host port.
+        #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+        host_port: u16,
+    },
+    /// List the sandbox's forwards.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_publish(spec: &str) -> Result<(u16, u16), String> {
+    ports::parse_publish(spec)
+}
+
 /// `keystone agent __capped`.
 #[derive(Debug, Args)]
 pub struct CappedArgs {
@@ -336,6 +393,9 @@ fn human_status(s: &Sandbox) -> String {
     line("ready:", opt(s.ready_at));
     if s.status != super::state::Status::Running {
         line("stopped:", opt(s.stopped_at));
+    }
+    for f in &s.ports {
+        line("port:", f.to_string());
     }
     if let Some(e) = &s.last_error {
         line("last error:", vmm_process::sanitize_for_terminal(e));
@@ -464,6 +524,45 @@ fn start(paths: &AgentPaths, a: StartArgs) -> u8 {
     }
 }
 
+fn port(paths: &AgentPaths, a: PortArgs) -> u8 {
+    let change = match a.action {
+        PortAction::List { json } => {
+            return match ports::list(paths, &a.name) {
+                Ok(list) if json => print_json(&list),
+                Ok(list) => {
+                    for f in &list {
+                        println!("{f}");
+                    }
+                    if list.is_empty() {
+                        eprintln!("keystone: sandbox {} forwards no ports", a.name);
+                    }
+                    exit::OK
+                }
+                Err(e) => fail(&e),
+            };
+        }
+        PortAction::Publish {
+            spec: (guest, host),
+        } => ports::PortChange::Publish { guest, host },
+        PortAction::Unpublish { guest_port } => ports::PortChange::Unpublish { guest: guest_port },
+        PortAction::Reach { host_port } => ports::PortChange::Reach { host: host_port },
+        PortAction::Unreach { host_port } => ports::PortChange::Unreach { host: host_port },
+    };
+    match ports::change(paths, &a.name, change) {
+        Ok(c) => {
+            let when = match (c.added, c.live) {
+                (true, true) => "now",
+                (true, false) => "from the next start",
+                (false, true) => "removed",
+                (false, false) => "removed (the sandbox is not running)",
+            };
+            println!("sandbox {}: {} ({when})", c.sandbox, c.forward);
+            exit::OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 /// Runs one `keystone agent` verb; returns the exit code.
 pub fn run(cmd: AgentCommand) -> u8 {
     if let AgentCommand::Supervise(a) = cmd {
@@ -553,6 +652,7 @@ pub fn run(cmd: AgentCommand) -> u8 {
             }
             Err(e) => fail(&e),
         },
+        AgentCommand::Port(a) => port(&paths, a),
         AgentCommand::Supervise(_) => exit::OK,
         AgentCommand::Capped(a) => {
             match ssh::capped(a.max_bytes, &a.cmd, &mut std::io::stdout().lock()) {

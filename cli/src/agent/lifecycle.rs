@@ -324,6 +324,7 @@ fn reserve(paths: &AgentPaths, plan: &Plan) -> Result<Reservation, AgentError> {
                     image: None,
                     launch: None,
                     last_error: None,
+                    ports: Vec::new(),
                 });
                 list.last_mut()
                     .ok_or_else(|| AgentError::Internal("registry push".into()))?

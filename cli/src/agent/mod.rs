@@ -13,8 +13,9 @@
 //!    and [`session`] (a sandbox's target and key, poweroff, sync runs, the
 //!    automatic sync modes);
 //! 4. the verbs: [`lifecycle`] (`start`, `stop`, `status`, `list`,
-//!    `destroy`) and [`remote`] (`attach`/`ssh`, `exec`, `sync`, `proxy`,
-//!    `ssh-config`);
+//!    `destroy`), [`remote`] (`attach`/`ssh`, `exec`, `sync`, `proxy`,
+//!    `ssh-config`) and [`ports`] (`port`: publish and reach over the SSH
+//!    master);
 //! 5. [`cli`]: the clap definitions and the printing.
 
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod disk;
 pub mod lifecycle;
 pub mod logs;
 pub mod mux;
+pub mod ports;
 pub mod remote;
 pub mod session;
 pub mod ssh;
@@ -112,6 +114,10 @@ pub enum AgentError {
         /// Why.
         source: ssh::SshError,
     },
+    /// The SSH master refused a port forward (the host port is taken, the
+    /// guest's sshd refused it).
+    #[error("{0}")]
+    Forward(ssh::SshError),
     /// The registry or a state file.
     #[error(transparent)]
     State(#[from] state::StateError),
@@ -136,6 +142,7 @@ impl AgentError {
             | AgentError::NotRunning(_)
             | AgentError::Refused(_)
             | AgentError::Attach { .. }
+            | AgentError::Forward(_)
             | AgentError::State(_)
             | AgentError::Internal(_) => exit::FAILURE,
         }

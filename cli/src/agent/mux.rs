@@ -272,7 +272,7 @@ impl Reader<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::fd::AsFd;
 
@@ -362,17 +362,57 @@ mod tests {
         assert!(t.join().unwrap().is_empty(), "no request after a bad hello");
     }
 
-    /// A real OpenSSH master (`ssh -M`) whose server is `sshd -i` run as
-    /// its ProxyCommand (no network, no daemon), and sessions through it.
+    /// Sessions through a real OpenSSH master ([`real_master`]).
     #[test]
     fn sessions_through_a_real_openssh_master() {
+        let dir = tempdir();
+        let sock = real_master(&dir);
+
+        let file = |name: &str, text: &str| {
+            std::fs::write(dir.join(name), text).unwrap();
+            std::fs::OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(dir.join(name))
+                .unwrap()
+        };
+        let (input, out, err) = (file("in", "from stdin\n"), file("out", ""), file("err", ""));
+        let end = run_session(
+            &sock,
+            "cat; echo to-stderr >&2; exit 7",
+            [input.as_fd(), out.as_fd(), err.as_fd()],
+        )
+        .unwrap();
+        assert_eq!(end, Ended::Exit(7));
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        assert_eq!(read("out"), "from stdin\n");
+        assert_eq!(read("err"), "to-stderr\n");
+
+        // Killed by a signal: no exit status reaches a mux client.
+        let end = run_session(
+            &sock,
+            "kill -9 $$",
+            [input.as_fd(), out.as_fd(), err.as_fd()],
+        );
+        assert_eq!(end.unwrap(), Ended::NoStatus);
+
+        let _ = std::process::Command::new("ssh")
+            .args(["-F", "/dev/null", "-o"])
+            .arg(format!("ControlPath={}", sock.display()))
+            .args(["-O", "exit", "test-master"])
+            .output();
+    }
+
+    /// A real OpenSSH master (`ssh -M`, host alias `test-master`) whose
+    /// server is `sshd -i` run as its ProxyCommand (no network, no
+    /// daemon), its files in `dir`; returns its control socket.
+    pub(crate) fn real_master(dir: &Path) -> PathBuf {
         let sshd = Path::new("/usr/sbin/sshd");
         assert!(
             sshd.exists(),
             "this test needs OpenSSH's server at {} (apt-get install openssh-server)",
             sshd.display()
         );
-        let dir = tempdir();
         let keygen = |name: &str| {
             let st = std::process::Command::new("ssh-keygen")
                 .args(["-q", "-t", "ed25519", "-N", "", "-f"])
@@ -417,6 +457,15 @@ mod tests {
                 "-o",
                 "LogLevel=ERROR",
             ])
+            // As the sandbox's master has them.
+            .args([
+                "-o",
+                "ClearAllForwardings=yes",
+                "-o",
+                "ForwardAgent=no",
+                "-o",
+                "ForwardX11=no",
+            ])
             .arg("-i")
             .arg(dir.join("user"))
             .args(["-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-o"])
@@ -434,43 +483,10 @@ mod tests {
             log("ssh.log"),
             log("sshd.log")
         );
-
-        let file = |name: &str, text: &str| {
-            std::fs::write(dir.join(name), text).unwrap();
-            std::fs::OpenOptions::new()
-                .read(true)
-                .append(true)
-                .open(dir.join(name))
-                .unwrap()
-        };
-        let (input, out, err) = (file("in", "from stdin\n"), file("out", ""), file("err", ""));
-        let end = run_session(
-            &sock,
-            "cat; echo to-stderr >&2; exit 7",
-            [input.as_fd(), out.as_fd(), err.as_fd()],
-        )
-        .unwrap();
-        assert_eq!(end, Ended::Exit(7));
-        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
-        assert_eq!(read("out"), "from stdin\n");
-        assert_eq!(read("err"), "to-stderr\n");
-
-        // Killed by a signal: no exit status reaches a mux client.
-        let end = run_session(
-            &sock,
-            "kill -9 $$",
-            [input.as_fd(), out.as_fd(), err.as_fd()],
-        );
-        assert_eq!(end.unwrap(), Ended::NoStatus);
-
-        let _ = std::process::Command::new("ssh")
-            .args(["-F", "/dev/null", "-o"])
-            .arg(format!("ControlPath={}", sock.display()))
-            .args(["-O", "exit", "test-master"])
-            .output();
+        sock
     }
 
-    fn tempdir() -> PathBuf {
+    pub(crate) fn tempdir() -> PathBuf {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let d = std::env::temp_dir().join(format!("ks-mux-{}-{n}", std::process::id()));

@@ -29,6 +29,7 @@ pub fn target(s: &Sandbox) -> Target {
         name: s.name.clone(),
         uds: s.vsock_uds.clone(),
         state_dir: s.state_dir.clone(),
+        forwards: s.ports.clone(),
     }
 }
 

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use super::state::PortForward;
 use crate::image::SSH_PORT;
 
 /// Guest user every session logs in as.
@@ -59,6 +60,14 @@ pub enum SshError {
     /// A session through the SSH master failed after it was requested.
     #[error("{0}")]
     Mux(super::mux::MuxError),
+    /// The master refused to open or close a port forward.
+    #[error("{forward}: {reason}")]
+    Forward {
+        /// The forward.
+        forward: PortForward,
+        /// What ssh said.
+        reason: String,
+    },
     /// Writing a file.
     #[error("{path}: {source}")]
     Write {
@@ -78,6 +87,8 @@ pub struct Target {
     pub uds: PathBuf,
     /// The sandbox's state directory (`host_keys`, `known_hosts`).
     pub state_dir: PathBuf,
+    /// Ports its master carries ([`master`] opens them when it makes one).
+    pub forwards: Vec<PortForward>,
 }
 
 impl Target {
@@ -592,11 +603,58 @@ pub fn master(t: &Target, key: &UserKey) -> Option<PathBuf> {
     // moment on a loaded host.
     for _ in 0..100 {
         if master_alive(&sock) {
+            // A new master carries none of the sandbox's ports yet.
+            for f in &t.forwards {
+                if let Err(e) = master_forward(t, &sock, f, true) {
+                    eprintln!("keystone: warning: sandbox {}: {e}", t.name);
+                }
+            }
             return Some(sock);
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     None
+}
+
+/// Open (`ssh -O forward`) or close (`ssh -O cancel`) the port forward `f`
+/// on the master at `sock`. The master then listens (on the host's
+/// 127.0.0.1 for a publish, through the guest's sshd on the guest's
+/// 127.0.0.1 for a reach) and carries each connection over its SSH
+/// connection, so over vsock. For a reach, OpenSSH's client connects a
+/// guest-opened channel only to the destination it asked for: the guest
+/// cannot name another host address or port.
+pub fn master_forward(
+    t: &Target,
+    sock: &Path,
+    f: &PortForward,
+    open: bool,
+) -> Result<(), SshError> {
+    let mut c = Command::new("ssh");
+    // No config and no ClearAllForwardings here: the forward travels as
+    // this client's command line to the master.
+    c.args(["-F", "/dev/null", "-o"])
+        .arg(format!(
+            "ControlPath={}",
+            ssh_value(&sock.to_string_lossy())
+        ))
+        .args(["-O", if open { "forward" } else { "cancel" }])
+        .args(f.ssh_args())
+        .arg(t.alias());
+    let run = run_bounded(c, MASTER_TIMEOUT, 4096)?;
+    if run.status.is_some_and(|s| s.success()) {
+        return Ok(());
+    }
+    let line = run.stderr_line();
+    Err(SshError::Forward {
+        forward: *f,
+        reason: if run.status.is_none() {
+            "the SSH master did not answer in time".into()
+        } else if line.is_empty() {
+            "the SSH master refused it".into()
+        } else {
+            line
+        },
+    })
 }
 
 /// The master's socket when one is up (and [`MASTER_ENV`] is not `off`);
@@ -994,6 +1052,86 @@ pub fn sanitize(s: &str) -> String {
 mod tests {
     use super::*;
 
+    /// Port forwards opened and closed on a real OpenSSH master (its
+    /// server `sshd -i`: the host's own loopback stands for the guest's).
+    #[test]
+    fn port_forwards_open_and_close_on_a_real_master() {
+        use super::super::state::PortDirection;
+        use std::net::{TcpListener, TcpStream};
+        let dir = super::super::mux::tests::tempdir();
+        let sock = super::super::mux::tests::real_master(&dir);
+        let t = Target {
+            name: "fwd".into(),
+            uds: dir.join("vsock"),
+            state_dir: dir.clone(),
+            forwards: Vec::new(),
+        };
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        // The "guest" service, answering each connection with one line.
+        let service = TcpListener::bind("127.0.0.1:0").unwrap();
+        let service_port = service.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for c in service.incoming().flatten() {
+                let _ = (&c).write_all(b"hello through the master\n");
+            }
+        });
+        let read_from = |port: u16| -> std::io::Result<String> {
+            let mut c = TcpStream::connect(("127.0.0.1", port))?;
+            c.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut s = String::new();
+            c.read_to_string(&mut s)?;
+            Ok(s)
+        };
+        let publish = PortForward {
+            direction: PortDirection::Publish,
+            guest_port: service_port,
+            host_port: free(),
+        };
+        master_forward(&t, &sock, &publish, true).unwrap();
+        assert_eq!(
+            read_from(publish.host_port).unwrap(),
+            "hello through the master\n"
+        );
+        // A reach: the far side listens, and reaches only its destination.
+        let reach_port = free();
+        let reach = PortForward {
+            direction: PortDirection::Reach,
+            guest_port: reach_port,
+            host_port: service_port,
+        };
+        master_forward(&t, &sock, &reach, true).unwrap();
+        assert_eq!(read_from(reach_port).unwrap(), "hello through the master\n");
+        // Taken host port: the master refuses, and says so.
+        let taken = PortForward {
+            guest_port: reach_port,
+            ..publish
+        };
+        let err = master_forward(&t, &sock, &taken, true).unwrap_err();
+        assert!(matches!(err, SshError::Forward { .. }), "{err}");
+        // Closed: nothing listens any more.
+        master_forward(&t, &sock, &publish, false).unwrap();
+        master_forward(&t, &sock, &reach, false).unwrap();
+        for port in [publish.host_port, reach_port] {
+            assert_eq!(
+                read_from(port).unwrap_err().kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "port {port} still forwarded"
+            );
+        }
+        let _ = Command::new("ssh")
+            .args(["-F", "/dev/null", "-o"])
+            .arg(format!("ControlPath={}", sock.display()))
+            .args(["-O", "exit", "x"])
+            .output();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn the_relay_cuts_an_endless_stream_at_its_cap() {
         // An endless pack: the relay passes on the cap and no byte more.
@@ -1064,6 +1202,7 @@ mod tests {
             name: "p".into(),
             uds: dir.path().join("vsock.sock"),
             state_dir: dir.path().to_path_buf(),
+            forwards: Vec::new(),
         };
         assert_eq!(t.master_socket(), None, "no host key pinned");
         std::fs::write(dir.path().join("host_keys"), "\n").unwrap();
@@ -1210,6 +1349,7 @@ mod tests {
             name: "p".into(),
             uds: dir.join("vsock.sock"),
             state_dir: dir.clone(),
+            forwards: Vec::new(),
         };
         std::fs::write(dir.join("host_keys"), "ssh-ed25519 AAAA1\n").unwrap();
         let path = pin_host_keys(&t).unwrap();

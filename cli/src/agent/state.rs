@@ -504,6 +504,70 @@ pub struct Sandbox {
     /// Why the last start or run failed.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Ports forwarded over the sandbox's SSH master (`keystone agent
+    /// port`), opened again on every start.
+    #[serde(default)]
+    pub ports: Vec<PortForward>,
+}
+
+/// Which way a [`PortForward`] goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortDirection {
+    /// The host listens on 127.0.0.1:`host_port`; each connection reaches
+    /// the guest's 127.0.0.1:`guest_port`.
+    Publish,
+    /// The guest listens on its 127.0.0.1:`guest_port` (= `host_port`);
+    /// each connection reaches the host's 127.0.0.1:`host_port`, and only
+    /// that.
+    Reach,
+}
+
+/// One port forward of a sandbox, carried by its SSH master (SSH over
+/// vsock): `-L` for [`PortDirection::Publish`], `-R` for
+/// [`PortDirection::Reach`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    /// Which way.
+    pub direction: PortDirection,
+    /// The port on the guest's loopback.
+    pub guest_port: u16,
+    /// The port on the host's loopback.
+    pub host_port: u16,
+}
+
+impl PortForward {
+    /// The `ssh` option and its value (`-L`/`-R` with explicit loopback
+    /// addresses on both sides).
+    pub fn ssh_args(&self) -> [String; 2] {
+        match self.direction {
+            PortDirection::Publish => [
+                "-L".into(),
+                format!("127.0.0.1:{}:127.0.0.1:{}", self.host_port, self.guest_port),
+            ],
+            PortDirection::Reach => [
+                "-R".into(),
+                format!("127.0.0.1:{}:127.0.0.1:{}", self.guest_port, self.host_port),
+            ],
+        }
+    }
+}
+
+impl std::fmt::Display for PortForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.direction {
+            PortDirection::Publish => write!(
+                f,
+                "publish: host 127.0.0.1:{} -> guest port {}",
+                self.host_port, self.guest_port
+            ),
+            PortDirection::Reach => write!(
+                f,
+                "reach: guest 127.0.0.1:{} -> host 127.0.0.1:{}",
+                self.guest_port, self.host_port
+            ),
+        }
+    }
 }
 
 impl Sandbox {
@@ -952,6 +1016,7 @@ mod tests {
             image: None,
             launch: None,
             last_error: None,
+            ports: Vec::new(),
         }
     }
 

@@ -19,7 +19,7 @@
       rootfs = ./rootfs;
       keystoneScripts = pkgs.runCommand "keystone-guest-scripts" { } ''
         mkdir -p $out/lib/keystone
-        cp ${rootfs}/usr/lib/keystone/{setup,ready,notify-commit} $out/lib/keystone/
+        cp ${rootfs}/usr/lib/keystone/{setup,ready,notify-commit,egress-bridge} $out/lib/keystone/
         chmod +x $out/lib/keystone/*
         patchShebangs $out/lib/keystone
       '';
@@ -58,7 +58,7 @@
               hashedPassword = "*";
             };
             security.sudo.wheelNeedsPassword = false;
-            environment.systemPackages = with pkgs; [ git python3 vim curl wget htop cacert ];
+            environment.systemPackages = with pkgs; [ git python3 vim curl wget htop cacert socat ];
             environment.etc."gitconfig".source = "${rootfs}/etc/gitconfig";
             services.openssh = {
               enable = true;
@@ -71,6 +71,8 @@
                 AllowUsers = [ "sandbox" ];
               };
               authorizedKeysFiles = [ "/run/keystone/authorized_keys" ];
+              # Per boot, from keystone-setup (the egress proxy's variables).
+              extraConfig = "Include /run/keystone/sshd_config.d/*.conf";
             };
             systemd.services.sshd.enable = lib.mkForce false;
             systemd.services.keystone-setup = {
@@ -101,6 +103,23 @@
               after = [ "keystone-sshd.socket" "keystone-setup.service" ];
               requires = [ "keystone-sshd.socket" ];
               serviceConfig = { Type = "oneshot"; RemainAfterExit = true; ExecStart = "${pkgs.python3}/bin/python3 ${keystoneScripts}/lib/keystone/ready"; };
+            };
+            # --network policy: 127.0.0.1:3128 to the host's egress proxy.
+            systemd.sockets.keystone-egress = {
+              wantedBy = [ "sockets.target" ];
+              unitConfig.ConditionKernelCommandLine = "keystone.egress";
+              listenStreams = [ "127.0.0.1:3128" ];
+              socketConfig = { Accept = true; MaxConnections = 256; };
+            };
+            systemd.services."keystone-egress@" = {
+              path = with pkgs; [ coreutils gnused socat ];
+              serviceConfig = {
+                ExecStart = "${keystoneScripts}/lib/keystone/egress-bridge";
+                StandardInput = "socket";
+                StandardOutput = "socket";
+                StandardError = "journal";
+                DynamicUser = true;
+              };
             };
             systemd.services."serial-getty@".unitConfig.ConditionKernelCommandLine = "keystone.debug";
           })

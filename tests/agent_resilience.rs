@@ -361,3 +361,136 @@ fn macvtap_sandbox_has_the_links_mac_and_reaches_its_peer() {
     );
     assert_eq!(code(&gamma.run(&["agent", "stop"])), 0);
 }
+
+/// A small HTTP server on `addr` answering every request with `body`.
+fn http_server(addr: &str, body: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind((addr, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+/// `--network policy`: no NIC in the guest; HTTP(S) leaves only through the
+/// host's egress proxy over vsock, to what the policy allows. The lane's
+/// resolver answers `allowed.` and `denied.keystone.test` with
+/// `$KEYSTONE_TEST_EGRESS_ADDR` (192.0.2.8, on the lane's loopback, where a
+/// test server listens), `rebind.` with 127.0.0.1 and `private.` with
+/// 10.0.2.15.
+#[test]
+#[ignore = "lane: boots Linux on keystone-vmm, needs hardware KVM (tests/lane/suites)"]
+fn policy_sandbox_reaches_exactly_what_its_policy_allows() {
+    let addr = std::env::var("KEYSTONE_TEST_EGRESS_ADDR").unwrap_or_else(|_| "192.0.2.8".into());
+    let world = World::new("agent-policy");
+    let delta = world.project("delta");
+    let port = http_server(&addr, "allowed-ok");
+    let out = delta.run(&start_args("1", "policy"));
+    assert_eq!(code(&out), 0, "start with --network policy");
+    assert_eq!(delta.status()["network"]["mode"], "policy");
+    // The default policy (registries, git hosts, model APIs), then ours.
+    let out = delta.run(&["agent", "net", "delta", "show"]);
+    assert!(
+        stdout(&out).contains("allow github.com"),
+        "{}",
+        stdout(&out)
+    );
+    let allowed = format!("allowed.keystone.test:{port}");
+    let rebind = format!("rebind.keystone.test:{port}");
+    let private = format!("private.keystone.test:{port}");
+    let out = delta.run(&[
+        "agent", "net", "delta", "allow", &allowed, &rebind, &private,
+    ]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(
+        code(&delta.run(&["agent", "net", "delta", "allow", "1.2.3.4"])),
+        2
+    );
+
+    // curl in the guest: the HTTP status it got (000: no connection).
+    let curl = |args: &str| -> String {
+        let out = delta.exec(&format!(
+            "curl -s -o /dev/null -w '%{{http_code}}' -m 30 {args}; true"
+        ));
+        stdout(&out).trim().to_string()
+    };
+    let url = |host: &str| format!("http://{host}.keystone.test:{port}/path");
+    // Allowed: plain HTTP through the proxy (URL logged), and CONNECT.
+    let out = delta.exec(&format!("curl -s -m 30 {}", url("allowed")));
+    assert_eq!((code(&out), stdout(&out).as_str()), (0, "allowed-ok"));
+    let out = delta.exec(&format!("curl -s -m 30 --proxytunnel {}", url("allowed")));
+    assert_eq!(
+        (code(&out), stdout(&out).as_str()),
+        (0, "allowed-ok"),
+        "CONNECT"
+    );
+    // Refused: a name not allowed, an address, names resolving to the
+    // host's loopback or a private network.
+    assert_eq!(curl(&url("denied")), "403");
+    assert_eq!(curl(&format!("http://{addr}:{port}/")), "403");
+    assert_eq!(curl(&url("rebind")), "403");
+    assert_eq!(curl(&url("private")), "403");
+    // Around the proxy: no DNS, no route; curl fails closed.
+    let out = delta.exec("getent hosts allowed.keystone.test");
+    assert_ne!(code(&out), 0, "the guest resolves nothing itself");
+    assert_eq!(curl(&format!("--noproxy '*' http://{addr}:{port}/")), "000");
+    let out = delta.exec("ip -o link | grep -cv ' lo:'; true");
+    assert_eq!(stdout(&out).trim(), "0", "no network device");
+    // A change applies to the running sandbox at once, both ways.
+    let out = delta.run(&["agent", "net", "delta", "deny", &allowed]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(curl(&url("allowed")), "403");
+    assert_eq!(
+        code(&delta.run(&["agent", "net", "delta", "allow", &allowed])),
+        0
+    );
+    assert_eq!(curl(&url("allowed")), "200");
+
+    // The audit log: every attempt, with its decision.
+    let out = delta.run(&["agent", "net", "delta", "log", "--json"]);
+    assert_eq!(code(&out), 0);
+    let log: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |host: &str, decision: &str| {
+        log.iter()
+            .filter(|e| {
+                e["host"].as_str().is_some_and(|h| h.starts_with(host)) && e["decision"] == decision
+            })
+            .count()
+    };
+    assert_eq!(find("allowed", "allow"), 3, "{log:?}");
+    assert_eq!(find("allowed", "deny"), 1, "{log:?}");
+    assert_eq!(find("denied", "deny"), 1);
+    assert_eq!(find(&addr, "deny"), 1);
+    assert_eq!(find("rebind", "deny") + find("private", "deny"), 2);
+    let get = log
+        .iter()
+        .find(|e| e["method"] == "GET" && e["decision"] == "allow")
+        .expect("a plain HTTP GET");
+    assert_eq!(get["url"], url("allowed").as_str());
+    assert!(get["bytes_down"].as_u64().unwrap() > 0, "{get}");
+    assert_eq!(log.len(), 8, "nothing else went out: {log:?}");
+    let human = stdout(&delta.run(&["agent", "net", "delta", "log"]));
+    assert!(
+        human.contains("DENY") && human.contains("allow GET"),
+        "{human}"
+    );
+    assert_eq!(code(&delta.run(&["agent", "stop"])), 0);
+}

@@ -66,7 +66,7 @@ in_root sh -c 'echo "keystone" > /etc/hostname'
 rm -f "$root"/etc/ssh/ssh_host_*
 : > "$root/etc/machine-id"
 rm -f "$root/var/lib/dbus/machine-id"
-in_root systemctl enable keystone-setup.service keystone-sshd.socket keystone-ready.service \
+in_root systemctl enable keystone-setup.service keystone-sshd.socket keystone-ready.service keystone-egress.socket \
   systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
 in_root systemctl disable ssh.service ssh.socket >/dev/null 2>&1 || true
 for unit in systemd-networkd-wait-online.service getty@tty1.service console-getty.service \

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::lifecycle::{self, NetworkChoice, StartOptions};
 use super::state::{format_time, AgentPaths, Sandbox, SyncMode};
-use super::{exit, ports, remote, session, ssh, supervisor, vmm_process, AgentError};
+use super::{exit, net, ports, remote, session, ssh, supervisor, vmm_process, AgentError};
 
 /// The verbs of `keystone agent`.
 #[derive(Debug, Subcommand)]
@@ -49,6 +49,11 @@ pub enum AgentCommand {
     /// sandbox or forward, or the forward failed (port taken), 2 bad usage
     /// or the port is already forwarded.
     Port(PortArgs),
+    /// The egress policy of a `--network policy` sandbox (host patterns:
+    /// `NAME`, `*.SUFFIX`, with `:PORT` or `:*`; without one, 443 and 80)
+    /// and its proxy's audit log. Changes apply to a running sandbox at
+    /// once. Exit codes: 0 done, 1 no such sandbox, 2 bad pattern.
+    Net(NetArgs),
     /// Internal: the per-sandbox supervisor started by `start`.
     #[command(name = "__supervise", hide = true)]
     Supervise(SuperviseArgs),
@@ -72,6 +77,9 @@ pub enum NetworkArg {
     Bridge,
     /// No network.
     None,
+    /// No network device; HTTP(S) out only through the host's egress proxy,
+    /// to the hosts the sandbox's policy allows (`keystone agent net`).
+    Policy,
 }
 
 /// `--sync-mode` values.
@@ -271,6 +279,49 @@ pub enum PortAction {
 
 fn parse_publish(spec: &str) -> Result<(u16, u16), String> {
     ports::parse_publish(spec)
+}
+
+/// `keystone agent net`.
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    /// The sandbox.
+    pub name: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: NetAction,
+}
+
+/// `keystone agent net NAME ...`.
+#[derive(Debug, Subcommand)]
+pub enum NetAction {
+    /// Print the policy.
+    Show {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let the guest reach hosts matching PATTERN (taken off the deny list).
+    Allow {
+        /// Host patterns.
+        #[arg(required = true)]
+        patterns: Vec<String>,
+    },
+    /// Refuse hosts matching PATTERN, whatever the allow list says.
+    Deny {
+        /// Host patterns.
+        #[arg(required = true)]
+        patterns: Vec<String>,
+    },
+    /// Every connection attempt: time, target, decision and why, bytes each
+    /// way, URL of plain HTTP.
+    Log {
+        /// Keep printing new attempts.
+        #[arg(long)]
+        follow: bool,
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `keystone agent __capped`.
@@ -474,6 +525,7 @@ fn start(paths: &AgentPaths, a: StartArgs) -> u8 {
             NetworkArg::Macvtap => NetworkChoice::Macvtap,
             NetworkArg::Bridge => NetworkChoice::Bridge,
             NetworkArg::None => NetworkChoice::None,
+            NetworkArg::Policy => NetworkChoice::Policy,
         }),
         tap: a.tap,
         sync_mode: a.sync_mode.map(|m| match m {
@@ -521,6 +573,53 @@ fn start(paths: &AgentPaths, a: StartArgs) -> u8 {
             name: s.name.clone(),
             source,
         }),
+    }
+}
+
+fn print_policy(p: &super::policy::Policy) {
+    for a in &p.allow {
+        println!("allow {a}");
+    }
+    for d in &p.deny {
+        println!("deny  {d}");
+    }
+}
+
+fn net_verb(paths: &AgentPaths, a: NetArgs) -> u8 {
+    match a.action {
+        NetAction::Show { json } => match net::show(paths, &a.name) {
+            Ok((p, note)) => {
+                if let Some(n) = note {
+                    eprintln!("keystone: note: {n}");
+                }
+                if json {
+                    return print_json(&p);
+                }
+                print_policy(&p);
+                exit::OK
+            }
+            Err(e) => fail(&e),
+        },
+        NetAction::Allow { patterns } => match net::change(paths, &a.name, &patterns, true) {
+            Ok(_) => {
+                println!("sandbox {}: allowed {}", a.name, patterns.join(" "));
+                exit::OK
+            }
+            Err(e) => fail(&e),
+        },
+        NetAction::Deny { patterns } => match net::change(paths, &a.name, &patterns, false) {
+            Ok(_) => {
+                println!("sandbox {}: denied {}", a.name, patterns.join(" "));
+                exit::OK
+            }
+            Err(e) => fail(&e),
+        },
+        NetAction::Log { follow, json } => {
+            match net::log(paths, &a.name, json, follow, &mut std::io::stdout().lock()) {
+                Ok(()) => exit::OK,
+                Err(e) => fail(&e),
+            }
+        }
     }
 }
 
@@ -653,6 +752,7 @@ pub fn run(cmd: AgentCommand) -> u8 {
             Err(e) => fail(&e),
         },
         AgentCommand::Port(a) => port(&paths, a),
+        AgentCommand::Net(a) => net_verb(&paths, a),
         AgentCommand::Supervise(_) => exit::OK,
         AgentCommand::Capped(a) => {
             match ssh::capped(a.max_bytes, &a.cmd, &mut std::io::stdout().lock()) {

@@ -45,6 +45,8 @@ pub enum NetworkChoice {
     Bridge,
     /// No network.
     None,
+    /// Only through the egress proxy, by the sandbox's policy.
+    Policy,
 }
 
 /// Checks a network interface name (as `ip link` takes it).
@@ -99,11 +101,12 @@ pub fn resolve_network(
             check_macvtap(Path::new("/sys/class/net"), Path::new("/dev"), &device)?;
             Network::Macvtap { device }
         }
-        (Some(NetworkChoice::User), Some(_)) | (Some(NetworkChoice::None), Some(_)) => {
+        (Some(NetworkChoice::User | NetworkChoice::None | NetworkChoice::Policy), Some(_)) => {
             return Err(AgentError::Usage(
                 "--tap goes with --network tap, bridge or macvtap".into(),
             ))
         }
+        (Some(NetworkChoice::Policy), None) => Network::Policy,
         (Some(NetworkChoice::User), None) => Network::User,
         (Some(NetworkChoice::None), None) => Network::None,
     };

@@ -4,7 +4,9 @@
 //!
 //! 1. [`disk`] (the persistent disk and the host-side git it needs),
 //!    [`state`] (the registry `sandboxes.json`, each sandbox's files, the
-//!    lookups) and [`logs`] (bounded, rotating sandbox logs);
+//!    lookups), [`logs`] (bounded, rotating sandbox logs), [`policy`] (the
+//!    egress policy of `--network policy`) and [`egress`] (its proxy,
+//!    which the supervisor runs);
 //! 2. the VMM process: [`vmm_process`] (the keystone-vmm argv and the one
 //!    place the guest command line is built, spawning the supervisor,
 //!    stopping processes, boot logs) and [`supervisor`] (the per-sandbox
@@ -14,15 +16,18 @@
 //!    automatic sync modes);
 //! 4. the verbs: [`lifecycle`] (`start`, `stop`, `status`, `list`,
 //!    `destroy`), [`remote`] (`attach`/`ssh`, `exec`, `sync`, `proxy`,
-//!    `ssh-config`) and [`ports`] (`port`: publish and reach over the SSH
-//!    master);
+//!    `ssh-config`), [`ports`] (`port`: publish and reach over the SSH
+//!    master) and [`net`] (`net`: the policy and the audit log);
 //! 5. [`cli`]: the clap definitions and the printing.
 
 pub mod cli;
 pub mod disk;
+pub mod egress;
 pub mod lifecycle;
 pub mod logs;
 pub mod mux;
+pub mod net;
+pub mod policy;
 pub mod ports;
 pub mod remote;
 pub mod session;

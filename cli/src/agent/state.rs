@@ -168,6 +168,12 @@ impl AgentPaths {
         AgentPaths { root: root.into() }
     }
 
+    /// The egress policy new sandboxes start with, when the user wrote one
+    /// (else [`super::policy::DEFAULT_ALLOW`]).
+    pub fn default_policy(&self) -> PathBuf {
+        self.root.join("default-policy.json")
+    }
+
     /// `sandboxes.json`.
     pub fn registry_file(&self) -> PathBuf {
         self.root.join("sandboxes.json")
@@ -347,6 +353,10 @@ pub enum Network {
     },
     /// No network device.
     None,
+    /// No network device either: the guest's only way out is the host's
+    /// egress proxy over vsock ([`super::egress`]), which lets through what
+    /// the sandbox's policy file allows ([`super::policy`]).
+    Policy,
 }
 
 impl Network {
@@ -359,7 +369,7 @@ impl Network {
                 Some(format!("tap={device},name={sandbox}"))
             }
             Network::Macvtap { device } => Some(format!("macvtap={device}")),
-            Network::None => None,
+            Network::None | Network::Policy => None,
         }
     }
 }
@@ -372,6 +382,7 @@ impl std::fmt::Display for Network {
             Network::Bridge { device } => write!(f, "bridge (tap {device})"),
             Network::Macvtap { device } => write!(f, "macvtap ({device})"),
             Network::None => f.write_str("none"),
+            Network::Policy => f.write_str("policy (egress proxy)"),
         }
     }
 }
@@ -647,6 +658,16 @@ impl Sandbox {
     }
 
     /// `<vsock_uds>_<port>`: where guest connections to host `port` arrive.
+    /// Its egress policy (`--network policy`).
+    pub fn policy_file(&self) -> PathBuf {
+        self.dir.join("policy.json")
+    }
+
+    /// Its egress proxy's log (`--network policy`).
+    pub fn net_log(&self) -> PathBuf {
+        self.state_dir.join("net.log")
+    }
+
     pub fn port_socket(&self, port: u32) -> PathBuf {
         let mut s = self.vsock_uds.clone().into_os_string();
         s.push(format!("_{port}"));
@@ -659,6 +680,7 @@ impl Sandbox {
         remove_socket(&self.vsock_uds);
         remove_socket(&self.port_socket(crate::image::READY_PORT));
         remove_socket(&self.port_socket(crate::image::NOTIFY_PORT));
+        remove_socket(&self.port_socket(super::egress::EGRESS_PORT));
     }
 }
 

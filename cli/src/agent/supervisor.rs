@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use super::logs::{GuestLines, RotatingLog, LOG_CAP};
 
 use super::state::{
-    format_time, now, write_atomic, AgentPaths, ProcessId, Sandbox, Status, SyncMode,
+    format_time, now, write_atomic, AgentPaths, Network, ProcessId, Sandbox, Status, SyncMode,
 };
 use super::AgentError;
 use crate::image::{NOTIFY_PORT, READY_PORT};
@@ -482,6 +482,19 @@ pub fn supervise(paths: &AgentPaths, name: &str, hooks: GuestHooks) -> Result<()
     let notify_sandbox = sandbox.clone();
     std::thread::spawn(move || notify_listener(notify, notify_sandbox, hooks));
     drop(tx);
+    if sandbox.network == Network::Policy {
+        // The guest's only way out: the egress proxy on its vsock port.
+        super::policy::load_or_create(&sandbox.policy_file(), &paths.default_policy())
+            .map_err(|e| fail(e.to_string()))?;
+        let listener = bind(super::egress::EGRESS_PORT).map_err(fail)?;
+        let egress = super::egress::Egress::new(sandbox.policy_file(), &sandbox.net_log())
+            .map_err(|e| fail(format!("{}: {e}", sandbox.net_log().display())))?;
+        std::thread::spawn(move || {
+            if let Err(e) = super::egress::serve(listener, egress) {
+                log(format_args!("egress proxy stopped: {e}"));
+            }
+        });
+    }
 
     let mut cmd = Command::new(&launch.vmm);
     cmd.args(&launch.args)

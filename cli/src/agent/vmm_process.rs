@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::state::{now, AgentPaths, ProcessId, Registry, Sandbox, Status};
+use super::state::{now, AgentPaths, Network, ProcessId, Registry, Sandbox, Status};
 use super::AgentError;
 use crate::image::{Image, AUTHORIZED_KEY_PARAM, NAME_PARAM};
 
@@ -32,6 +32,10 @@ pub fn resolve_vmm() -> Result<PathBuf, AgentError> {
             )
         })
 }
+
+/// Kernel command-line key turning on the image's egress bridge (its
+/// value: the host vsock port of the proxy).
+pub const EGRESS_PARAM: &str = "keystone.egress";
 
 /// The guest's kernel command line: the image's, then the sandbox name
 /// ([`NAME_PARAM`]), then for SSH images the host user's public key
@@ -77,7 +81,12 @@ pub fn launch_args(
         }
         Ok(text.to_string())
     };
-    let cmdline = guest_cmdline(&image.manifest.cmdline, &s.name, authorized_key);
+    let mut cmdline = guest_cmdline(&image.manifest.cmdline, &s.name, authorized_key);
+    if s.network == Network::Policy {
+        // The image's egress bridge: 127.0.0.1:3128 in the guest to host
+        // vsock port EGRESS_PORT, and the proxy variables naming it.
+        cmdline.push_str(&format!(" {EGRESS_PARAM}={}", super::egress::EGRESS_PORT));
+    }
     let mut args = vec!["--kernel".to_string(), path(&image.kernel(), "kernel")?];
     if let Some(initrd) = image.initrd() {
         args.push("--initrd".into());

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use agent::{code, start_args, stdout, Project, World};
+use agent::{bench_arg as arg, code, start_args, stdout, Project, World};
 
 /// The guest (and host) program: `bulk MIB` sends MIB MiB then waits for
 /// the listener's byte; `ping N` does N 1-byte round trips and prints the
@@ -211,15 +211,6 @@ fn socket_pair_run(
     let (out, _) = attempt(listen, false, &client, &format!("ping {pings} {connect}"));
     let rtt: f64 = out.trim().parse().expect("ping result");
     (rate, rtt)
-}
-
-fn arg(name: &str, default: u32) -> u32 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() {

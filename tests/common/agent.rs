@@ -195,6 +195,16 @@ pub fn start_args<'a>(vcpus: &'a str, network: &'a str) -> Vec<&'a str> {
     ]
 }
 
+/// A bench's `NAME VALUE` argument as a number, or `default`.
+pub fn bench_arg(name: &str, default: u32) -> u32 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The exit code (-1 for a signal).
 pub fn code(out: &Output) -> i32 {
     out.status.code().unwrap_or(-1)

@@ -88,10 +88,27 @@ fn parse(out: &str) -> (f64, f64) {
     (it.next().unwrap_or(f64::NAN), it.next().unwrap_or(f64::NAN))
 }
 
-/// The client in sandbox `p`; a failed run is printed with the sandbox's
-/// logs and tried once more.
-fn guest_run(p: &Project, url: &str, requests: u32, mib: u32) -> (f64, f64) {
+/// Starts `p` on `network`, runs the client in it, stops it. A failed
+/// round (the lane's emulated SVM can take a guest down: README) is
+/// printed with the sandbox's logs and tried once more on a fresh start.
+fn measure(
+    p: &Project,
+    network: &str,
+    allow: &str,
+    url: &str,
+    requests: u32,
+    mib: u32,
+) -> (f64, f64) {
+    let vcpus = guest::test_vcpus();
     for round in 1..=2 {
+        assert_eq!(
+            code(&p.run(&start_args(&vcpus, network))),
+            0,
+            "start {network}"
+        );
+        if network == "policy" {
+            assert_eq!(code(&p.run(&["agent", "net", &p.name, "allow", allow])), 0);
+        }
         let out = p.run(&[
             "agent",
             "exec",
@@ -104,16 +121,23 @@ fn guest_run(p: &Project, url: &str, requests: u32, mib: u32) -> (f64, f64) {
             &requests.to_string(),
             &mib.to_string(),
         ]);
-        if code(&out) == 0 {
+        let ok = code(&out) == 0;
+        if !ok {
+            p.keep_logs();
+        }
+        let _ = p.run(&["agent", "stop", &p.name]);
+        if ok {
             return parse(&stdout(&out));
         }
-        p.keep_logs();
         assert!(
             round == 1,
             "bench net: the client failed twice in {}",
             p.name
         );
-        eprintln!("bench net: client failed in {}, trying once more", p.name);
+        eprintln!(
+            "bench net: client failed in {}, once more on a fresh start",
+            p.name
+        );
     }
     unreachable!("two rounds either return or panic")
 }
@@ -126,26 +150,12 @@ fn main() {
     let port = server(&addr, mib);
     let url = format!("http://bench.keystone.test:{port}");
     let world = World::new("net-bench");
-    let vcpus = guest::test_vcpus();
     let user = world.project("netu");
     let policy = world.project("netp");
-    assert_eq!(
-        code(&user.run(&start_args(&vcpus, "user"))),
-        0,
-        "start user"
-    );
-    assert_eq!(
-        code(&policy.run(&start_args(&vcpus, "policy"))),
-        0,
-        "start policy"
-    );
     let allow = format!("bench.keystone.test:{port}");
-    assert_eq!(
-        code(&policy.run(&["agent", "net", "netp", "allow", &allow])),
-        0
-    );
-    let (pu_ms, pu_mibs) = guest_run(&user, &url, requests, mib);
-    let (po_ms, po_mibs) = guest_run(&policy, &url, requests, mib);
+    // One sandbox at a time (less load on the lane's emulated CPU).
+    let (pu_ms, pu_mibs) = measure(&user, "user", &allow, &url, requests, mib);
+    let (po_ms, po_mibs) = measure(&policy, "policy", &allow, &url, requests, mib);
     let host = Command::new("python3")
         .args(["-c", CLIENT, &url, &requests.to_string(), &mib.to_string()])
         .output()
@@ -153,15 +163,11 @@ fn main() {
     assert!(host.status.success(), "host client: {host:?}");
     let (h_ms, h_mibs) = parse(&String::from_utf8_lossy(&host.stdout));
     let log = stdout(&policy.run(&["agent", "net", "netp", "log", "--json"]));
-    let logged = log.lines().filter(|l| l.contains("\"allow\"")).count();
-    assert_eq!(
-        logged as u32,
-        requests + 1,
-        "every request in the audit log"
+    let logged = log.lines().filter(|l| l.contains("\"allow\"")).count() as u32;
+    assert!(
+        logged > requests,
+        "every request in the audit log: {logged} lines"
     );
-    for p in [&user, &policy] {
-        assert_eq!(code(&p.run(&["agent", "stop", &p.name])), 0);
-    }
 
     println!(
         "\nHTTP to a host server ({requests} GETs of 2 bytes, one new connection each; one GET of {mib} MiB)"

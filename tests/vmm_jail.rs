@@ -41,6 +41,24 @@ fn jailed_child(supervisor: u32) -> u32 {
         .expect("the supervisor has the jailed VMM as its child")
 }
 
+/// A host listener for guest vsock port 5000 of the VMM socket `uds`,
+/// open to any user (the jailed VMM is not root): it echoes one line and
+/// returns it.
+fn echo_line_server(uds: &std::path::Path) -> std::thread::JoinHandle<String> {
+    let listen_path = format!("{}_5000", uds.display());
+    let listener = UnixListener::bind(&listen_path).unwrap();
+    std::fs::set_permissions(&listen_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        s.write_all(line.as_bytes()).unwrap();
+        line
+    })
+}
+
 #[test]
 fn the_jailed_vmm_is_confined() {
     require_root();
@@ -125,19 +143,8 @@ fn disk_and_vsock_work_from_inside_the_jail() {
     let uds = dir.0.join("v.sock");
     // The jailed VMM runs as nobody: its guest may only reach host
     // listeners that nobody may connect to.
-    let listen_path = format!("{}_5000", uds.display());
-    let listener = UnixListener::bind(&listen_path).unwrap();
-    std::fs::set_permissions(&listen_path, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut line = String::new();
-        BufReader::new(s.try_clone().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        s.write_all(line.as_bytes()).unwrap();
-        line
-    });
+    let server = echo_line_server(&uds);
     let vsock = format!("3,{}", uds.display());
     let mut vm = VmmProcess::probe(
         "probe=blk,vsock,reset probe.vsock_connect=5000",
@@ -198,18 +205,7 @@ fn an_unprivileged_user_gets_the_jail_through_a_user_namespace() {
         .unwrap();
     own(&img);
     let uds = dir.0.join("v.sock");
-    let listen_path = format!("{}_5000", uds.display());
-    let listener = UnixListener::bind(&listen_path).unwrap();
-    std::fs::set_permissions(&listen_path, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut line = String::new();
-        BufReader::new(s.try_clone().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        s.write_all(line.as_bytes()).unwrap();
-        line
-    });
+    let server = echo_line_server(&uds);
     let kvm = group_gid("kvm");
     let jail_dir = dir.0.join("jail");
     let mut cmd = std::process::Command::new(common::vmm_bin());

@@ -113,26 +113,27 @@ fn tap_in_a_namespace_carries_arp_both_ways() {
     ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "kstap0"]);
     ns.ip(&["link", "set", "kstap0", "up"]);
     ns.ip(&["link", "set", "lo", "up"]);
-    let host_mac = {
-        let out = ns.ip(&["link", "show", "kstap0"]);
-        out.split("link/ether ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .expect("tap mac")
-            .to_string()
-    };
+    let host_mac = link_mac(&ns, "kstap0");
+    let out = arp_probe_in(&ns, "tap=kstap0,mac=02:00:0a:4d:00:0f");
+    let reply = line_value(&out, "probe: net arp reply ip=10.77.0.1 mac=");
+    assert_eq!(reply.trim(), host_mac, "{out}");
+    // The host kernel saw the probe's frames (ARP request at least).
+    assert!(rx_packets(&ns, "kstap0") >= 1);
+}
 
+/// The probe guest, its NIC on `net` inside `ns`, ARPing for 10.77.0.1 as
+/// 10.77.0.15 (no DHCP); its console output once it exited successfully.
+fn arp_probe_in(ns: &NetNs, net: &str) -> String {
     let elf = common::probe_elf();
-    let vmm = common::vmm_bin();
     let mut vm = VmmProcess::spawn_with(
         Command::new("ip")
             .args(["netns", "exec", &ns.0])
-            .arg(vmm)
+            .arg(common::vmm_bin())
             .args([
                 "--kernel",
                 elf.to_str().unwrap(),
                 "--net",
-                "tap=kstap0,mac=02:00:0a:4d:00:0f",
+                net,
                 "--cmdline",
                 "probe=net,reset probe.net_dhcp=0 probe.net_arp=10.77.0.1 probe.net_ip=10.77.0.15",
             ]),
@@ -140,10 +141,7 @@ fn tap_in_a_namespace_carries_arp_both_ways() {
     let st = vm.wait_exit(BOOT);
     let out = vm.stdout();
     assert!(st.success(), "exit {st}\n{out}\n{}", vm.stderr());
-    let reply = line_value(&out, "probe: net arp reply ip=10.77.0.1 mac=");
-    assert_eq!(reply.trim(), host_mac, "{out}");
-    // The host kernel saw the probe's frames (ARP request at least).
-    assert!(rx_packets(&ns, "kstap0") >= 1);
+    out
 }
 
 fn link_mac(ns: &NetNs, dev: &str) -> String {
@@ -174,24 +172,7 @@ fn macvtap_on_a_veth_carries_arp_both_ways_with_the_links_mac() {
     }
     let (mvt_mac, peer_mac) = (link_mac(&ns, "ksmvt0"), link_mac(&ns, "ksv1"));
 
-    let elf = common::probe_elf();
-    let vmm = common::vmm_bin();
-    let mut vm = VmmProcess::spawn_with(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.0])
-            .arg(vmm)
-            .args([
-                "--kernel",
-                elf.to_str().unwrap(),
-                "--net",
-                "macvtap=ksmvt0",
-                "--cmdline",
-                "probe=net,reset probe.net_dhcp=0 probe.net_arp=10.77.0.1 probe.net_ip=10.77.0.15",
-            ]),
-    );
-    let st = vm.wait_exit(BOOT);
-    let out = vm.stdout();
-    assert!(st.success(), "exit {st}\n{out}\n{}", vm.stderr());
+    let out = arp_probe_in(&ns, "macvtap=ksmvt0");
     assert_eq!(line_value(&out, "probe: net mac=").trim(), mvt_mac, "{out}");
     let reply = line_value(&out, "probe: net arp reply ip=10.77.0.1 mac=");
     assert_eq!(reply.trim(), peer_mac, "{out}");

@@ -268,7 +268,14 @@ struct Boot {
 }
 
 impl Boot {
-    fn start(img: &Image, dir: &Path, disk: &Path, key: &UserKey, tag: &str) -> Boot {
+    fn start(
+        img: &Image,
+        dir: &Path,
+        disk: &Path,
+        key: &UserKey,
+        tag: &str,
+        extra: &[&Path],
+    ) -> Boot {
         let uds = dir.join("v.sock");
         let _ = std::fs::remove_file(&uds);
         let ready_path = PathBuf::from(format!("{}_1024", uds.display()));
@@ -300,6 +307,7 @@ impl Boot {
             .arg(disk)
             .arg("--vsock")
             .arg(format!("3,{}", uds.display()))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&console).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -385,7 +393,7 @@ fn debian_image_boots_logs_in_over_vsock_and_persists() {
     guest::data_disk(&disk, &ws);
     std::env::set_var("KEYSTONE_CLI", keystone());
 
-    let mut boot = Boot::start(img, &dir, &disk, &key, "first");
+    let mut boot = Boot::start(img, &dir, &disk, &key, "first", &[]);
     // The image's init wrote Firecracker's boot timer on our device.
     let log = std::fs::read_to_string(&boot.log).unwrap();
     assert!(
@@ -460,7 +468,23 @@ fn debian_image_boots_logs_in_over_vsock_and_persists() {
     drop(boot);
 
     // Second boot on the same disk: state survived, same host key.
-    let boot2 = Boot::start(img, &dir, &disk, &key, "second");
+    // With the control API: the snapshot below.
+    let api = dir.join("api.sock");
+    let snap = dir.join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let boot2 = Boot::start(
+        img,
+        &dir,
+        &disk,
+        &key,
+        "second",
+        &[
+            Path::new("--api-sock"),
+            &api,
+            Path::new("--snapshot-dir"),
+            &snap,
+        ],
+    );
     assert_eq!(
         boot2.host_keys.join("\n") + "\n",
         good,
@@ -471,6 +495,100 @@ fn debian_image_boots_logs_in_over_vsock_and_persists() {
         "kept\nhome"
     );
     ssh_ok(&t, &key, "test -e /etc/keystone-test");
+
+    // Snapshot with a process running, then restore it in a new VMM: the
+    // process goes on counting, ssh works with the pinned key, files are
+    // there. Paused through the snapshot and killed paused, so the disk
+    // holds exactly what the snapshot's memory expects.
+    ssh_ok(
+        &t,
+        &key,
+        "echo snap > /workspace/snap.txt && sync && (setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done' </dev/null >/dev/null 2>&1 &)",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let before: u64 = ssh_ok(&t, &key, "cat /tmp/counter").trim().parse().unwrap();
+    assert!(before > 0);
+    let r = api_call(&api, r#"{"op":"pause"}"#);
+    assert!(r.contains(r#""ok":true"#), "{r}");
+    let r = api_call(&api, r#"{"op":"snapshot"}"#);
+    assert!(
+        r.contains(r#""ok":true"#) && r.contains(r#""state":"paused""#),
+        "{r}"
+    );
+    eprintln!("snapshot: {r}");
     drop(boot2);
+
+    let console = dir.join("console-restored.log");
+    let log = dir.join("vmm-restored.log");
+    let t0 = Instant::now();
+    let child = Command::new(guest::vmm_binary())
+        .process_group(0)
+        .arg("--restore")
+        .arg(&snap)
+        .arg("--disk")
+        .arg(format!("{},ro", img.rootfs().unwrap().display()))
+        .arg("--disk")
+        .arg(&disk)
+        .arg("--vsock")
+        .arg(format!("3,{}", dir.join("v.sock").display()))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&console).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let restored = Boot {
+        child,
+        console,
+        log: log.clone(),
+        host_keys: Vec::new(),
+    };
+    // ssh over the restored vsock device (the guest got a transport reset).
+    let first = loop {
+        match ssh::capture(&t, &key, "cat /tmp/counter") {
+            Ok((st, out)) if st.success() => break String::from_utf8_lossy(&out).into_owned(),
+            _ if t0.elapsed() < Duration::from_secs(120) => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            other => panic!(
+                "no ssh into the restored VM: {other:?}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        }
+    };
+    eprintln!(
+        "restore: ssh answered {:.2} s after the VMM started",
+        t0.elapsed().as_secs_f64()
+    );
+    let first: u64 = first.trim().parse().unwrap();
+    assert!(first >= before, "counter went back: {before} -> {first}");
+    std::thread::sleep(Duration::from_secs(2));
+    let later: u64 = ssh_ok(&t, &key, "cat /tmp/counter").trim().parse().unwrap();
+    assert!(
+        later > first,
+        "the counting process did not survive: {first} -> {later}"
+    );
+    assert_eq!(
+        ssh_ok(&t, &key, "cat /workspace/snap.txt /workspace/new.txt").trim(),
+        "snap\nkept"
+    );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("VM restored from"),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    drop(restored);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One control-API request, its reply line.
+fn api_call(sock: &Path, req: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    writeln!(&s, "{req}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line
 }

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -81,6 +81,43 @@ impl<W: Write> Write for CappedWriter<W> {
     }
 }
 
+/// The UART's registers as a snapshot keeps them (`vm-superio`'s
+/// `SerialState`, serialisable).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Receive FIFO.
+    pub in_buffer: Vec<u8>,
+}
+
+/// Why a saved UART cannot be put back.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialRestoreError {
+    /// The interrupt eventfd could not be duplicated.
+    #[error("serial: cannot duplicate the interrupt eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// vm-superio refused the state (FIFO too long).
+    #[error("serial: the saved state is not valid: {0}")]
+    State(String),
+}
+
 /// The UART with its input buffer.
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, SerialOut>,
@@ -118,6 +155,59 @@ impl SerialDevice {
             );
         }
         accepted + take
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot (host input
+    /// not yet in the FIFO is not kept).
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Put back a saved UART (same interrupt and output). A FIFO longer
+    /// than the UART's is refused.
+    pub fn restore(&mut self, s: &SerialSnapshot) -> Result<(), SerialRestoreError> {
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(SerialRestoreError::EventFd)?;
+        let placeholder = Serial::new(
+            IrqTrigger(irq.try_clone().map_err(SerialRestoreError::EventFd)?),
+            Box::new(std::io::sink()) as SerialOut,
+        );
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        match Serial::from_state(&state, IrqTrigger(irq), NoEvents, out) {
+            Ok(uart) => {
+                self.uart = uart;
+                Ok(())
+            }
+            Err(e) => Err(SerialRestoreError::State(format!("{e:?}"))),
+        }
     }
 
     /// Bytes waiting for room in the guest's FIFO.

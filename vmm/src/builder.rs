@@ -52,6 +52,9 @@ pub enum BuildError {
     /// vCPUs.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The snapshot to restore.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// A VM ready to run. Field order is drop order: vCPUs and the VM go before
@@ -94,6 +97,12 @@ pub fn build(
         tracing::warn!("{PVM_WARNING}");
     }
 
+    if let Some(dir) = &config.restore {
+        return restore(config, dir, flavor, start, boot_time_tx);
+    }
+    let Some(kernel_path) = &config.kernel else {
+        return Err(LoaderError::NoKernel.into());
+    };
     let mem_size = config.memory_mib << 20;
     let mem = create_guest_memory(mem_size)?;
     let vm = Vm::new(&mem)?;
@@ -101,7 +110,7 @@ pub fn build(
 
     let devices = DeviceManager::new(&vm, &mem, config, start, boot_time_tx)?;
 
-    let kernel = load_kernel(&mem, &config.kernel, config.kernel_format)?;
+    let kernel = load_kernel(&mem, kernel_path, config.kernel_format)?;
     let initrd = match &config.initrd {
         Some(path) => Some(load_initrd(&mem, path, kernel.end)?),
         None => None,
@@ -144,6 +153,50 @@ pub fn build(
         kernel.entry
     );
 
+    Ok(BuiltVm {
+        vcpus,
+        devices,
+        vm,
+        mem,
+        flavor,
+    })
+}
+
+/// The restore recipe: guest memory mapped copy-on-write from the
+/// snapshot, the VM and its in-kernel devices put back, the same devices
+/// created as for a boot, the vCPUs given their saved state, then our
+/// devices' state (last: a re-activated virtio device raises its interrupt,
+/// which needs the restored IOAPIC and LAPICs). No kernel is loaded.
+fn restore(
+    config: &VmConfig,
+    dir: &std::path::Path,
+    flavor: KvmFlavor,
+    start: Timestamp,
+    boot_time_tx: Option<Sender<BootTime>>,
+) -> Result<BuiltVm, BuildError> {
+    let snap = crate::snapshot::load(dir)?;
+    let mem = crate::snapshot::map_memory(&snap)?;
+    let vm = Vm::new(&mem)?;
+    phase(start, "kvm vm created, snapshot memory mapped");
+    let devices = DeviceManager::new(&vm, &mem, config, start, boot_time_tx)?;
+    vm.restore_state(&snap.state.vm)?;
+    let mut vcpus = Vec::with_capacity(snap.state.vcpus.len());
+    for (id, state) in snap.state.vcpus.iter().enumerate() {
+        let id = u8::try_from(id).map_err(|_| {
+            crate::snapshot::SnapshotError::Device("too many vCPUs in the snapshot".into())
+        })?;
+        let mut vcpu = Vcpu::new(&vm, id, devices.pio.clone(), devices.mmio.clone())?;
+        vcpu.restore_state(state)?;
+        vcpus.push(vcpu);
+    }
+    devices.restore_state(&snap.state.devices)?;
+    phase(start, "snapshot restored");
+    tracing::info!(
+        "VM restored from {}: {} MiB, {} vCPU(s)",
+        dir.display(),
+        snap.state.memory_mib,
+        vcpus.len()
+    );
     Ok(BuiltVm {
         vcpus,
         devices,

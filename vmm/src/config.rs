@@ -23,20 +23,34 @@ pub const MIN_MEMORY_MIB: u64 = 128;
 #[command(name = "keystone-vmm", version, about, long_about = None)]
 pub struct Cli {
     /// Kernel to boot: an ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "restore")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
-    /// Guest memory in MiB (at least 128, at most the host's RAM).
-    #[arg(long, value_name = "MiB", default_value_t = 512)]
-    pub memory: u64,
-    /// Number of vCPUs (1 to 64).
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub vcpus: u64,
+    /// Guest memory in MiB (at least 128, at most the host's RAM; default
+    /// 512, or the snapshot's with --restore).
+    #[arg(long, value_name = "MiB")]
+    pub memory: Option<u64>,
+    /// Number of vCPUs (1 to 64; default 1, or the snapshot's).
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u64>,
+    /// Resume the VM saved in DIR (`state.json` + `memory`, written by the
+    /// API's snapshot) instead of booting a kernel: give the same devices
+    /// (--disk, --net, --vsock; the vsock CID may differ).
+    #[arg(long, value_name = "DIR", conflicts_with = "kernel")]
+    pub restore: Option<PathBuf>,
+    /// Serve the control API (pause, resume, snapshot, state: one JSON
+    /// object per line; see README) on a Unix socket created here.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Where the API's snapshot writes `state.json` and `memory` (an
+    /// existing directory, opened at start).
+    #[arg(long, value_name = "DIR", requires = "api_sock")]
+    pub snapshot_dir: Option<PathBuf>,
     /// Where the guest's serial console goes: stdio, file:PATH or none.
     #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio")]
     pub serial: String,
@@ -127,8 +141,14 @@ pub const MAX_VIRTIO_DEVICES: usize = 19;
 /// A validated VM configuration.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    /// Kernel image path.
-    pub kernel: PathBuf,
+    /// Kernel image path (none when restoring).
+    pub kernel: Option<PathBuf>,
+    /// A snapshot directory to restore instead of booting.
+    pub restore: Option<PathBuf>,
+    /// The control API's socket path.
+    pub api_sock: Option<PathBuf>,
+    /// Where the API's snapshots go.
+    pub snapshot_dir: Option<PathBuf>,
     /// Its format, detected from its header.
     pub kernel_format: KernelFormat,
     /// Initrd path.
@@ -231,6 +251,19 @@ pub enum ConfigError {
     /// Unknown log level.
     #[error("--log-level {0}: use error, warn, info, debug or trace")]
     LogLevel(String),
+    /// The snapshot to restore is unusable or does not match.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// --api-sock or --snapshot-dir is unusable.
+    #[error("{flag} {path}: {reason}")]
+    Api {
+        /// Which option.
+        flag: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
@@ -349,21 +382,77 @@ pub fn check_log_level(level: &str) -> Result<tracing::Level, ConfigError> {
 impl VmConfig {
     /// Validate the command line against this host.
     pub fn from_cli(cli: &Cli, host_mem_mib: Option<u64>) -> Result<Self, ConfigError> {
-        if cli.memory < MIN_MEMORY_MIB {
-            return Err(ConfigError::MemoryTooSmall(cli.memory));
+        // A snapshot fixes memory and vCPUs: given ones must match.
+        let saved = match &cli.restore {
+            Some(dir) => {
+                let s = crate::snapshot::load(dir)?;
+                Some((dir, s.state.memory_mib, s.state.vcpus.len() as u64))
+            }
+            None => None,
+        };
+        let memory = match (saved, cli.memory) {
+            (Some((dir, m, _)), Some(given)) if given != m => {
+                return Err(crate::snapshot::SnapshotError::Mismatch {
+                    dir: dir.clone(),
+                    reason: format!("--memory {given} MiB, the snapshot has {m} MiB"),
+                }
+                .into())
+            }
+            (Some((_, m, _)), _) => m,
+            (None, given) => given.unwrap_or(512),
+        };
+        let vcpus = match (saved, cli.vcpus) {
+            (Some((dir, _, n)), Some(given)) if given != n => {
+                return Err(crate::snapshot::SnapshotError::Mismatch {
+                    dir: dir.clone(),
+                    reason: format!("--vcpus {given}, the snapshot has {n}"),
+                }
+                .into())
+            }
+            (Some((_, _, n)), _) => n,
+            (None, given) => given.unwrap_or(1),
+        };
+        if memory < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(memory));
         }
         if let Some(host) = host_mem_mib {
-            if cli.memory > host {
+            if memory > host {
                 return Err(ConfigError::MemoryTooLarge {
-                    requested: cli.memory,
+                    requested: memory,
                     host,
                 });
             }
         }
-        let vcpus = match u8::try_from(cli.vcpus) {
+        let vcpus = match u8::try_from(vcpus) {
             Ok(n) if (1..=MAX_CPUS).contains(&n) => n,
-            _ => return Err(ConfigError::Vcpus(cli.vcpus)),
+            _ => return Err(ConfigError::Vcpus(vcpus)),
         };
+        if let Some(p) = &cli.api_sock {
+            let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+            if parent.is_some_and(|d| !d.is_dir()) {
+                return Err(ConfigError::Api {
+                    flag: "--api-sock",
+                    path: p.clone(),
+                    reason: "its directory does not exist".into(),
+                });
+            }
+            if p.symlink_metadata().is_ok() {
+                return Err(ConfigError::Api {
+                    flag: "--api-sock",
+                    path: p.clone(),
+                    reason: "already exists".into(),
+                });
+            }
+        }
+        if let Some(d) = &cli.snapshot_dir {
+            if !d.is_dir() {
+                return Err(ConfigError::Api {
+                    flag: "--snapshot-dir",
+                    path: d.clone(),
+                    reason: "not a directory".into(),
+                });
+            }
+        }
         check_cmdline(&cli.cmdline)?;
         let serial = parse_serial(&cli.serial)?;
         let disks = cli
@@ -384,11 +473,13 @@ impl VmConfig {
             return Err(ConfigError::TooManyDevices);
         }
         check_log_level(&cli.log_level)?;
-        let kernel_format =
-            detect_kernel_format(&cli.kernel).map_err(|source| ConfigError::Kernel {
-                path: cli.kernel.clone(),
+        let kernel_format = match &cli.kernel {
+            Some(k) => detect_kernel_format(k).map_err(|source| ConfigError::Kernel {
+                path: k.clone(),
                 source,
-            })?;
+            })?,
+            None => KernelFormat::Elf,
+        };
         if let Some(initrd) = &cli.initrd {
             std::fs::File::open(initrd)
                 .and_then(|f| f.metadata())
@@ -406,10 +497,13 @@ impl VmConfig {
         }
         Ok(VmConfig {
             kernel: cli.kernel.clone(),
+            restore: cli.restore.clone(),
+            api_sock: cli.api_sock.clone(),
+            snapshot_dir: cli.snapshot_dir.clone(),
             kernel_format,
             initrd: cli.initrd.clone(),
             cmdline: cli.cmdline.clone(),
-            memory_mib: cli.memory,
+            memory_mib: memory,
             vcpus,
             serial,
             no_nested: cli.no_nested,
@@ -477,7 +571,8 @@ mod tests {
     #[test]
     fn defaults_match_the_documentation() {
         let c = cli(&[]);
-        assert_eq!((c.memory, c.vcpus), (512, 1));
+        // Applied by from_cli: 512 MiB and 1 vCPU, or the snapshot's.
+        assert_eq!((c.memory, c.vcpus), (None, None));
         assert_eq!(c.serial, "stdio");
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
     }

@@ -123,6 +123,10 @@ pub struct DeviceManager {
     pub cmdline_entries: Vec<String>,
     /// The virtio-mmio windows, for the ACPI DSDT.
     pub mmio_devices: Vec<MmioDevice>,
+    /// The virtio-mmio transports, in window order (snapshots).
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Whether the boot timer is present.
+    pub boot_timer: bool,
     /// The passt process serving `--net user`, if any. It quits when the
     /// VMM's end of its socket closes, and dies with the VMM.
     pub passt: Option<std::process::Child>,
@@ -203,6 +207,8 @@ impl DeviceManager {
             subscribers: Vec::new(),
             cmdline_entries: Vec::new(),
             mmio_devices: Vec::new(),
+            transports: Vec::new(),
+            boot_timer,
             passt: None,
         };
         for disk in &config.disks {
@@ -282,8 +288,10 @@ impl DeviceManager {
         let as_virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
         let transport =
             MmioTransport::new(mem.clone(), as_virtio, interrupt).map_err(DeviceError::Queue)?;
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+            .insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
+        self.transports.push(transport);
         self.subscribers.push(dev);
         self.cmdline_entries
             .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
@@ -292,6 +300,42 @@ impl DeviceManager {
             len: MMIO_WINDOW_SIZE,
             gsi,
         });
+        Ok(())
+    }
+}
+
+impl DeviceManager {
+    /// Our devices' state, for a snapshot (the vCPUs are paused).
+    pub fn save_state(&self) -> crate::snapshot::DeviceStates {
+        crate::snapshot::DeviceStates {
+            serial: lock(&self.serial).state(),
+            boot_timer: self.boot_timer,
+            virtio: self.transports.iter().map(|t| lock(t).state()).collect(),
+        }
+    }
+
+    /// Put back saved device state: the same devices, in the same order,
+    /// or an error naming the difference.
+    pub fn restore_state(
+        &self,
+        s: &crate::snapshot::DeviceStates,
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        use crate::snapshot::SnapshotError;
+        if s.virtio.len() != self.transports.len() {
+            return Err(SnapshotError::Device(format!(
+                "the snapshot has {} virtio devices, this VM {} (give the same --disk/--net/--vsock)",
+                s.virtio.len(),
+                self.transports.len()
+            )));
+        }
+        lock(&self.serial)
+            .restore(&s.serial)
+            .map_err(|e| SnapshotError::Device(e.to_string()))?;
+        for (i, (t, state)) in self.transports.iter().zip(&s.virtio).enumerate() {
+            lock(t)
+                .restore(state)
+                .map_err(|e| SnapshotError::Device(format!("virtio device {i}: {e}")))?;
+        }
         Ok(())
     }
 }

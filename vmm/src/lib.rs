@@ -7,6 +7,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod net;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -33,6 +33,9 @@ pub enum LoaderError {
     /// Neither ELF nor bzImage.
     #[error("not a kernel: neither an ELF vmlinux nor a bzImage")]
     UnknownFormat,
+    /// No kernel was given (and nothing to restore).
+    #[error("no kernel to boot: give --kernel (or --restore DIR)")]
+    NoKernel,
     /// linux-loader refused the image.
     #[error("cannot load the kernel: {0}")]
     Kernel(linux_loader::loader::Error),

@@ -42,6 +42,11 @@ pub enum SeccompError {
 pub enum ThreadKind {
     /// The VMM thread: event loop and devices.
     Vmm,
+    /// The VMM thread of a VM that writes snapshots into the directory
+    /// open at this descriptor: [`Vmm`](ThreadKind::Vmm) plus
+    /// [`SNAPSHOT_SYSCALLS`] (`openat`/`renameat` on that descriptor only)
+    /// and the VM-wide KVM reads (irqchip, PIT, clock).
+    VmmSnapshots(i32),
     /// A vCPU thread.
     Vcpu,
     /// The jail's supervisor process outside the namespaces: it only waits
@@ -71,8 +76,34 @@ const TCSETSF: u64 = 0x5404;
 // Non-blocking mode on accepted vsock streams (`set_nonblocking`).
 const FIONBIO: u64 = 0x5421;
 
-/// Syscalls of a vCPU thread (`ioctl` narrowed to KVM_RUN, KVM_GET_REGS,
-/// KVM_GET_SREGS).
+const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+const IOC_R: u64 = 2;
+const IOC_RW: u64 = 3;
+// What a vCPU thread reads of itself when it pauses (snapshots).
+const KVM_GET_MSRS: u64 = kvm_ioc(IOC_RW, 0x88, size_of::<kvm_bindings::kvm_msrs>());
+const KVM_GET_LAPIC: u64 = kvm_ioc(IOC_R, 0x8e, size_of::<kvm_bindings::kvm_lapic_state>());
+const KVM_GET_CPUID2: u64 = kvm_ioc(IOC_RW, 0x91, size_of::<kvm_bindings::kvm_cpuid2>());
+const KVM_GET_MP_STATE: u64 = kvm_ioc(IOC_R, 0x98, size_of::<kvm_bindings::kvm_mp_state>());
+const KVM_GET_VCPU_EVENTS: u64 = kvm_ioc(IOC_R, 0x9f, size_of::<kvm_bindings::kvm_vcpu_events>());
+const KVM_GET_DEBUGREGS: u64 = kvm_ioc(IOC_R, 0xa1, size_of::<kvm_bindings::kvm_debugregs>());
+const KVM_GET_XSAVE: u64 = kvm_ioc(IOC_R, 0xa4, size_of::<kvm_bindings::kvm_xsave>());
+const KVM_GET_XCRS: u64 = kvm_ioc(IOC_R, 0xa6, size_of::<kvm_bindings::kvm_xcrs>());
+// What the VMM thread reads of the VM for a snapshot.
+const KVM_GET_IRQCHIP: u64 = kvm_ioc(IOC_RW, 0x62, size_of::<kvm_bindings::kvm_irqchip>());
+const KVM_GET_PIT2: u64 = kvm_ioc(IOC_R, 0x9f, size_of::<kvm_bindings::kvm_pit_state2>());
+const KVM_GET_CLOCK: u64 = kvm_ioc(IOC_R, 0x7c, size_of::<kvm_bindings::kvm_clock_data>());
+
+/// What the VMM thread adds when it writes snapshots: files created and
+/// renamed in the snapshot directory (`openat`/`renameat` only relative to
+/// its descriptor; an absolute path cannot be refused by seccomp, which is
+/// the jail's job: inside it there is nothing else to open), sized and
+/// synced.
+pub const SNAPSHOT_SYSCALLS: &[i64] = &[libc::SYS_openat, libc::SYS_renameat, libc::SYS_ftruncate];
+
+/// Syscalls of a vCPU thread (`ioctl` narrowed to KVM_RUN, the KVM reads
+/// of the state it logs on a fatal exit or saves when it pauses).
 pub const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_ioctl,
     libc::SYS_write,
@@ -190,10 +221,20 @@ fn rules(
 ) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     let list = match kind {
         ThreadKind::Vcpu => VCPU_SYSCALLS,
-        ThreadKind::Vmm => VMM_SYSCALLS,
+        ThreadKind::Vmm | ThreadKind::VmmSnapshots(_) => VMM_SYSCALLS,
         ThreadKind::Supervisor => SUPERVISOR_SYSCALLS,
     };
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = list.iter().map(|&nr| (nr, vec![])).collect();
+    if let ThreadKind::VmmSnapshots(dirfd) = kind {
+        let at_dir =
+            |i| SeccompCondition::new(i, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, dirfd as u64);
+        map.insert(libc::SYS_openat, vec![SeccompRule::new(vec![at_dir(0)?])?]);
+        map.insert(
+            libc::SYS_renameat,
+            vec![SeccompRule::new(vec![at_dir(0)?, at_dir(2)?])?],
+        );
+        map.insert(libc::SYS_ftruncate, vec![]);
+    }
     if kind != ThreadKind::Supervisor {
         map.insert(libc::SYS_mmap, no_exec()?);
         map.insert(libc::SYS_mprotect, no_exec()?);
@@ -202,19 +243,34 @@ fn rules(
         ThreadKind::Vcpu => {
             map.insert(
                 libc::SYS_ioctl,
-                vec![
-                    arg_eq(1, KVM_RUN)?,
-                    arg_eq(1, KVM_GET_REGS)?,
-                    arg_eq(1, KVM_GET_SREGS)?,
-                ],
+                [
+                    KVM_RUN,
+                    KVM_GET_REGS,
+                    KVM_GET_SREGS,
+                    KVM_GET_MSRS,
+                    KVM_GET_LAPIC,
+                    KVM_GET_CPUID2,
+                    KVM_GET_MP_STATE,
+                    KVM_GET_VCPU_EVENTS,
+                    KVM_GET_DEBUGREGS,
+                    KVM_GET_XSAVE,
+                    KVM_GET_XCRS,
+                ]
+                .iter()
+                .map(|&req| arg_eq(1, req))
+                .collect::<Result<_, _>>()?,
             );
             // Rust's debug builds check an fd is open before closing it.
             map.insert(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)?]);
         }
-        ThreadKind::Vmm => {
+        ThreadKind::Vmm | ThreadKind::VmmSnapshots(_) => {
+            let mut ioctls = vec![TCGETS, TCSETS, TCSETSW, TCSETSF, FIONBIO];
+            if matches!(kind, ThreadKind::VmmSnapshots(_)) {
+                ioctls.extend([KVM_GET_IRQCHIP, KVM_GET_PIT2, KVM_GET_CLOCK]);
+            }
             map.insert(
                 libc::SYS_ioctl,
-                [TCGETS, TCSETS, TCSETSW, TCSETSF, FIONBIO]
+                ioctls
                     .iter()
                     .map(|&req| arg_eq(1, req))
                     .collect::<Result<_, _>>()?,

@@ -5,14 +5,14 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Condvar, Mutex};
 
 use seccompiler::BpfProgram;
 
 use keystone_devices::Bus;
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::cpuid::{filter_cpuid, CpuidOptions};
 use crate::arch::x86_64::{msr, regs};
+use crate::snapshot::VcpuState;
 use crate::vm::Vm;
 
 /// Errors configuring or running a vCPU.
@@ -96,6 +97,80 @@ pub enum VcpuStop {
 
 /// What a vCPU thread reports when it ends.
 pub type VcpuResult = (u8, Result<VcpuStop, VcpuError>);
+
+/// Pausing the vCPU threads (the API's pause and snapshot): the VMM thread
+/// raises `pause` and kicks them; each leaves KVM_RUN, completes the exit it
+/// was in the middle of (one `immediate_exit` run), saves its state, and
+/// waits here until resumed or stopped.
+#[derive(Default)]
+pub struct VcpuControl {
+    pause: AtomicBool,
+    inner: Mutex<Paused>,
+    cond: Condvar,
+}
+
+#[derive(Default)]
+struct Paused {
+    /// Each paused vCPU's saved state (or why it could not be read).
+    saved: Vec<(u8, Result<VcpuState, String>)>,
+    /// Raised with `pause`; lowered to release them.
+    held: bool,
+}
+
+impl VcpuControl {
+    /// Ask the vCPUs to pause (they still have to be kicked).
+    pub fn request_pause(&self) {
+        let mut p = lock_paused(&self.inner);
+        p.saved.clear();
+        p.held = true;
+        self.pause.store(true, Ordering::Release);
+    }
+
+    /// How many vCPUs have paused so far.
+    pub fn paused_count(&self) -> usize {
+        lock_paused(&self.inner).saved.len()
+    }
+
+    /// The saved states, by vCPU id (while paused).
+    pub fn saved(&self) -> Result<Vec<VcpuState>, String> {
+        let p = lock_paused(&self.inner);
+        let mut v: Vec<&(u8, Result<VcpuState, String>)> = p.saved.iter().collect();
+        v.sort_by_key(|(id, _)| *id);
+        v.into_iter()
+            .map(|(id, r)| r.clone().map_err(|e| format!("vCPU {id}: {e}")))
+            .collect()
+    }
+
+    /// Let paused vCPUs run again (also what a stop does).
+    pub fn release(&self) {
+        let mut p = lock_paused(&self.inner);
+        self.pause.store(false, Ordering::Release);
+        p.held = false;
+        p.saved.clear();
+        self.cond.notify_all();
+    }
+
+    fn wants_pause(&self) -> bool {
+        self.pause.load(Ordering::Acquire)
+    }
+
+    /// On a vCPU thread: report `state`, then wait to be released.
+    fn park(&self, id: u8, state: Result<VcpuState, String>, stop: &AtomicBool) {
+        let mut p = lock_paused(&self.inner);
+        p.saved.push((id, state));
+        self.cond.notify_all();
+        while p.held && !stop.load(Ordering::Acquire) {
+            p = match self.cond.wait(p) {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+        }
+    }
+}
+
+fn lock_paused(m: &Mutex<Paused>) -> std::sync::MutexGuard<'_, Paused> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// One vCPU before and while it runs.
 pub struct Vcpu {
@@ -223,12 +298,161 @@ impl Vcpu {
         }
     }
 
+    /// The vCPU's whole KVM state, for a snapshot (`msr_list`: the MSRs
+    /// KVM lists; those it will not read are left out).
+    pub fn save_state(&self, msr_list: &[u32]) -> Result<VcpuState, VcpuError> {
+        let mut msrs = Vec::new();
+        for chunk in msr_list.chunks(64) {
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut m = Msrs::from_entries(&entries).map_err(|_| VcpuError::UnexpectedExit {
+                id: self.id,
+                exit: "MSR list".into(),
+            })?;
+            let n = self
+                .fd
+                .get_msrs(&mut m)
+                .map_err(self.ioctl("KVM_GET_MSRS"))?;
+            if n == entries.len() {
+                msrs.extend_from_slice(m.as_slice());
+                continue;
+            }
+            // KVM stops at the first MSR it will not read: one at a time.
+            for e in entries {
+                let mut one = Msrs::from_entries(&[e]).map_err(|_| VcpuError::UnexpectedExit {
+                    id: self.id,
+                    exit: "MSR list".into(),
+                })?;
+                if let Ok(1) = self.fd.get_msrs(&mut one) {
+                    msrs.extend_from_slice(one.as_slice());
+                }
+            }
+        }
+        Ok(VcpuState {
+            cpuid: self
+                .fd
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(self.ioctl("KVM_GET_CPUID2"))?
+                .as_slice()
+                .to_vec(),
+            msrs,
+            regs: self.fd.get_regs().map_err(self.ioctl("KVM_GET_REGS"))?,
+            sregs: self.fd.get_sregs().map_err(self.ioctl("KVM_GET_SREGS"))?,
+            xsave: self.fd.get_xsave().map_err(self.ioctl("KVM_GET_XSAVE"))?,
+            xcrs: self.fd.get_xcrs().map_err(self.ioctl("KVM_GET_XCRS"))?,
+            debugregs: self
+                .fd
+                .get_debug_regs()
+                .map_err(self.ioctl("KVM_GET_DEBUGREGS"))?,
+            lapic: self.fd.get_lapic().map_err(self.ioctl("KVM_GET_LAPIC"))?,
+            mp_state: self
+                .fd
+                .get_mp_state()
+                .map_err(self.ioctl("KVM_GET_MP_STATE"))?,
+            events: self
+                .fd
+                .get_vcpu_events()
+                .map_err(self.ioctl("KVM_GET_VCPU_EVENTS"))?,
+        })
+    }
+
+    /// Put back a saved state (before the vCPU first runs), in the order
+    /// KVM needs: CPUID first, the LAPIC before MSRs, events last; the TSC
+    /// deadline after the TSC.
+    pub fn restore_state(&mut self, s: &VcpuState) -> Result<(), VcpuError> {
+        let cpuid = CpuId::from_entries(&s.cpuid).map_err(|_| VcpuError::UnexpectedExit {
+            id: self.id,
+            exit: "too many CPUID entries".into(),
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.ioctl("KVM_SET_CPUID2"))?;
+        self.fd
+            .set_mp_state(s.mp_state)
+            .map_err(self.ioctl("KVM_SET_MP_STATE"))?;
+        self.fd
+            .set_regs(&s.regs)
+            .map_err(self.ioctl("KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&s.sregs)
+            .map_err(self.ioctl("KVM_SET_SREGS"))?;
+        // SAFETY: the XSAVE area was read from KVM by `save_state` with the
+        // same (legacy, 4 KiB) layout KVM_SET_XSAVE takes.
+        unsafe { self.fd.set_xsave(&s.xsave) }.map_err(self.ioctl("KVM_SET_XSAVE"))?;
+        self.fd
+            .set_xcrs(&s.xcrs)
+            .map_err(self.ioctl("KVM_SET_XCRS"))?;
+        self.fd
+            .set_debug_regs(&s.debugregs)
+            .map_err(self.ioctl("KVM_SET_DEBUGREGS"))?;
+        self.fd
+            .set_lapic(&s.lapic)
+            .map_err(self.ioctl("KVM_SET_LAPIC"))?;
+        const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+        let mut entries = s.msrs.clone();
+        entries.sort_by_key(|e| e.index == MSR_IA32_TSC_DEADLINE);
+        for chunk in entries.chunks(64) {
+            let m = Msrs::from_entries(chunk).map_err(|_| VcpuError::UnexpectedExit {
+                id: self.id,
+                exit: "MSR list".into(),
+            })?;
+            let n = self.fd.set_msrs(&m).map_err(self.ioctl("KVM_SET_MSRS"))?;
+            if n != chunk.len() {
+                for e in chunk {
+                    let one = Msrs::from_entries(&[*e]).map_err(|_| VcpuError::UnexpectedExit {
+                        id: self.id,
+                        exit: "MSR list".into(),
+                    })?;
+                    if !matches!(self.fd.set_msrs(&one), Ok(1)) {
+                        tracing::debug!("vCPU {}: KVM refused saved MSR {:#x}", self.id, e.index);
+                    }
+                }
+            }
+        }
+        self.fd
+            .set_vcpu_events(&s.events)
+            .map_err(self.ioctl("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+
+    /// Pause here: finish the exit in progress (KVM completes a port or
+    /// MMIO read into the registers on the next entry, which
+    /// `immediate_exit` makes return at once), save the state, wait.
+    fn pause(&mut self, control: &VcpuControl, msr_list: &[u32], stop: &AtomicBool) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let state = self.save_state(msr_list).map_err(|e| e.to_string());
+        control.park(self.id, state, stop);
+    }
+
     /// Run until the guest stops, fails, or `stop` is set (and the thread is
     /// kicked with the vCPU kick signal).
     pub fn run(&mut self, stop: &AtomicBool) -> Result<VcpuStop, VcpuError> {
+        self.run_controlled(stop, None)
+    }
+
+    /// [`Vcpu::run`], pausing when `control` asks (with the MSR list a
+    /// saved state reads).
+    pub fn run_controlled(
+        &mut self,
+        stop: &AtomicBool,
+        control: Option<(&VcpuControl, &[u32])>,
+    ) -> Result<VcpuStop, VcpuError> {
         loop {
             if stop.load(Ordering::Acquire) {
                 return Ok(VcpuStop::Requested);
+            }
+            if let Some((c, msrs)) = control {
+                if c.wants_pause() {
+                    self.pause(c, msrs, stop);
+                    continue;
+                }
             }
             let id = self.id;
             match self.fd.run() {
@@ -302,11 +526,14 @@ impl Vcpu {
     /// `start` for the VMM thread to install its own, then runs. When it
     /// ends it sends its result on `done` and writes `exit_evt` so the event
     /// loop wakes up.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         mut self,
         filter: Option<Arc<BpfProgram>>,
         start: Arc<Barrier>,
         stop: Arc<AtomicBool>,
+        control: Arc<VcpuControl>,
+        msr_list: Arc<Vec<u32>>,
         done: Sender<VcpuResult>,
         exit_evt: EventFd,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -319,7 +546,7 @@ impl Vcpu {
                 };
                 start.wait();
                 let res = match filtered {
-                    Ok(()) => self.run(&stop),
+                    Ok(()) => self.run_controlled(&stop, Some((&control, &msr_list))),
                     Err(e) => Err(VcpuError::Seccomp {
                         id: self.id,
                         source: e,

@@ -2,8 +2,8 @@
 //! before any vCPU, as KVM requires), and guest memory registration.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -95,6 +95,48 @@ impl Vm {
             msr_list,
             _kvm: kvm,
         })
+    }
+}
+
+impl Vm {
+    /// The in-kernel irqchip (both PICs, the IOAPIC), PIT and clock, for a
+    /// snapshot (the vCPUs are paused).
+    pub fn save_state(&self) -> Result<crate::snapshot::KvmVmState, VmError> {
+        let chip = |chip_id| {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map(|()| c)
+                .map_err(ioctl("KVM_GET_IRQCHIP"))
+        };
+        let mut clock = self.fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))?;
+        // KVM_SET_CLOCK takes no flags but KVM_CLOCK_REALTIME-style ones;
+        // the read-only "TSC stable" bit must not go back in.
+        clock.flags = 0;
+        Ok(crate::snapshot::KvmVmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(ioctl("KVM_GET_PIT2"))?,
+            clock,
+        })
+    }
+
+    /// Put back what [`Vm::save_state`] read (before any vCPU runs).
+    pub fn restore_state(&self, s: &crate::snapshot::KvmVmState) -> Result<(), VmError> {
+        self.fd.set_pit2(&s.pit).map_err(ioctl("KVM_SET_PIT2"))?;
+        self.fd
+            .set_clock(&s.clock)
+            .map_err(ioctl("KVM_SET_CLOCK"))?;
+        for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(ioctl("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
     }
 }
 

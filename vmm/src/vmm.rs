@@ -17,11 +17,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 use vmm_sys_util::terminal::Terminal;
 
+use crate::api::{ApiServer, Request};
 use crate::builder::{build, BuildError, BuiltVm};
 use crate::config::{SerialConfig, VmConfig};
 use crate::seccomp::{self, ThreadKind, Violation};
 use crate::signals;
-use crate::vcpu::{VcpuResult, VcpuStop};
+use crate::snapshot::{SnapshotDir, VmState, SNAPSHOT_VERSION};
+use crate::vcpu::{VcpuControl, VcpuResult, VcpuStop};
 
 /// Errors running the VMM (not guest failures: those are a [`VmExit`]).
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,16 @@ pub enum VmmError {
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
+    /// The API socket or the snapshot directory could not be opened.
+    #[error("{what} {path}: {source}")]
+    Api {
+        /// Which option.
+        what: &'static str,
+        /// The path.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
 }
 
 /// How the VM ended.
@@ -238,21 +250,44 @@ pub fn run(
         exit: None,
     }));
     let (mut em, _raw) = event_loop(config, &mut built, watcher.clone())?;
+    let api = match &config.api_sock {
+        Some(path) => {
+            let server = ApiServer::bind(path).map_err(|source| VmmError::Api {
+                what: "--api-sock",
+                path: path.clone(),
+                source,
+            })?;
+            let server = Arc::new(Mutex::new(server));
+            em.add_subscriber(server.clone());
+            Some(server)
+        }
+        None => None,
+    };
+    let snapshot_dir = match &config.snapshot_dir {
+        Some(path) => Some(SnapshotDir::open(path).map_err(|source| VmmError::Api {
+            what: "--snapshot-dir",
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
 
     // Everything the VMM thread needs from the filesystem is open now: the
     // filters below have no open/openat.
     let mut proc_files = crate::metrics::ProcFiles::open();
-    let (vmm_filter, vcpu_filter) = confine(config)?;
+    let (vmm_filter, vcpu_filter) = confine(config, snapshot_dir.as_ref())?;
 
     let stop = Arc::new(AtomicBool::new(false));
     // vCPU threads filter themselves, then wait here until the VMM thread
     // has filtered itself too: no guest instruction runs before that.
     let start_gate = Arc::new(Barrier::new(built.vcpus.len() + 1));
+    let control = Arc::new(VcpuControl::default());
     let handles = spawn_vcpus(
         &mut built,
         vcpu_filter,
         &start_gate,
         &stop,
+        &control,
         &done_tx,
         &vcpu_evt,
     )?;
@@ -265,7 +300,7 @@ pub fn run(
     let released = Timestamp::now();
     start_gate.wait();
     if let Err(e) = filtered {
-        stop_vcpus(&stop, handles);
+        stop_vcpus(&stop, &control, handles);
         return Err(e.into());
     }
     tracing::debug!(
@@ -273,14 +308,25 @@ pub fn run(
         released.wall_us.saturating_sub(start.wall_us)
     );
 
-    let exit = match run_until_exit(&mut em, &watcher) {
+    let mut ctl = Controller {
+        api,
+        snapshot_dir,
+        control: &control,
+        handles: &handles,
+        built: &built,
+        memory_mib: config.memory_mib,
+        paused: false,
+    };
+    let exit = run_until_exit(&mut em, &watcher, &mut ctl);
+    drop(ctl);
+    let exit = match exit {
         Ok(exit) => exit,
         Err(e) => {
-            stop_vcpus(&stop, handles);
+            stop_vcpus(&stop, &control, handles);
             return Err(e);
         }
     };
-    if !stop_vcpus(&stop, handles) {
+    if !stop_vcpus(&stop, &control, handles) {
         // A vCPU thread still in KVM_RUN keeps the VM alive: its memory
         // mappings must outlive it, so they are leaked, not unmapped.
         std::mem::forget(built.mem.clone());
@@ -314,7 +360,10 @@ fn event_loop(
 
 /// Phase: the jail (if configured), then the seccomp programs for the VMM
 /// thread and the vCPU threads (installed later, by each thread).
-fn confine(config: &VmConfig) -> Result<(Option<BpfProgram>, Option<Arc<BpfProgram>>), VmmError> {
+fn confine(
+    config: &VmConfig,
+    snapshot_dir: Option<&SnapshotDir>,
+) -> Result<(Option<BpfProgram>, Option<Arc<BpfProgram>>), VmmError> {
     if let Some(jail) = &config.jail {
         let keep = config
             .vsock
@@ -339,8 +388,12 @@ fn confine(config: &VmConfig) -> Result<(Option<BpfProgram>, Option<Arc<BpfProgr
     } else {
         Violation::Kill
     };
+    let vmm_kind = match snapshot_dir {
+        Some(d) => ThreadKind::VmmSnapshots(d.raw_fd()),
+        None => ThreadKind::Vmm,
+    };
     Ok((
-        Some(seccomp::program(ThreadKind::Vmm, violation)?),
+        Some(seccomp::program(vmm_kind, violation)?),
         Some(Arc::new(seccomp::program(ThreadKind::Vcpu, violation)?)),
     ))
 }
@@ -352,16 +405,20 @@ fn spawn_vcpus(
     vcpu_filter: Option<Arc<BpfProgram>>,
     start_gate: &Arc<Barrier>,
     stop: &Arc<AtomicBool>,
+    control: &Arc<VcpuControl>,
     done_tx: &Sender<VcpuResult>,
     vcpu_evt: &EventFd,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, VmmError> {
     let mut handles = Vec::new();
+    let msr_list = Arc::new(built.vm.msr_list.clone());
     for vcpu in built.vcpus.drain(..) {
         let evt = vcpu_evt.try_clone().map_err(VmmError::EventFd)?;
         match vcpu.spawn(
             vcpu_filter.clone(),
             start_gate.clone(),
             stop.clone(),
+            control.clone(),
+            msr_list.clone(),
             done_tx.clone(),
             evt,
         ) {
@@ -378,8 +435,13 @@ fn spawn_vcpus(
     Ok(handles)
 }
 
-/// Phase: the event loop, until the exit watcher has an exit.
-fn run_until_exit(em: &mut Loop, watcher: &Mutex<ExitWatcher>) -> Result<VmExit, VmmError> {
+/// Phase: the event loop, until the exit watcher has an exit; API
+/// requests are carried out between its rounds.
+fn run_until_exit(
+    em: &mut Loop,
+    watcher: &Mutex<ExitWatcher>,
+    ctl: &mut Controller<'_>,
+) -> Result<VmExit, VmmError> {
     loop {
         match em.run() {
             Ok(_) => {}
@@ -389,7 +451,142 @@ fn run_until_exit(em: &mut Loop, watcher: &Mutex<ExitWatcher>) -> Result<VmExit,
         if let Some(exit) = lock(watcher).exit.take() {
             return Ok(exit);
         }
+        ctl.serve();
     }
+}
+
+/// What the API acts on: the vCPU threads, the built VM, the snapshot
+/// directory.
+struct Controller<'a> {
+    api: Option<Arc<Mutex<ApiServer>>>,
+    snapshot_dir: Option<SnapshotDir>,
+    control: &'a VcpuControl,
+    handles: &'a [std::thread::JoinHandle<()>],
+    built: &'a BuiltVm,
+    memory_mib: u64,
+    paused: bool,
+}
+
+impl Controller<'_> {
+    fn serve(&mut self) {
+        let Some(api) = self.api.clone() else {
+            return;
+        };
+        let requests = lock(&api).take_requests();
+        for (client, req) in requests {
+            let reply = match req.and_then(|r| self.handle(r)) {
+                Ok(mut v) => {
+                    v["ok"] = true.into();
+                    v
+                }
+                Err(e) => serde_json::json!({ "ok": false, "error": e }),
+            };
+            lock(&api).reply(client, &reply);
+        }
+    }
+
+    fn state_name(&self) -> &'static str {
+        if self.paused {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
+    fn handle(&mut self, req: Request) -> Result<serde_json::Value, String> {
+        match req {
+            Request::State => Ok(serde_json::json!({
+                "state": self.state_name(),
+                "vcpus": self.handles.len(),
+                "memory_mib": self.memory_mib,
+                "version": env!("CARGO_PKG_VERSION"),
+            })),
+            Request::Pause => {
+                let t = Instant::now();
+                self.pause()?;
+                Ok(serde_json::json!({ "state": "paused", "ms": ms(t) }))
+            }
+            Request::Resume => {
+                self.resume();
+                Ok(serde_json::json!({ "state": "running" }))
+            }
+            Request::Snapshot => {
+                let t = Instant::now();
+                let was_paused = self.paused;
+                self.pause()?;
+                let res = self.snapshot();
+                if !was_paused {
+                    self.resume();
+                }
+                let (dir, stored) = res?;
+                Ok(serde_json::json!({
+                    "state": self.state_name(),
+                    "dir": dir,
+                    "memory_bytes": stored,
+                    "ms": ms(t),
+                }))
+            }
+        }
+    }
+
+    /// Kick every vCPU out of KVM_RUN until each has saved its state and
+    /// parked (bounded: 2 s).
+    fn pause(&mut self) -> Result<(), String> {
+        if self.paused {
+            return Ok(());
+        }
+        self.control.request_pause();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.control.paused_count() < self.handles.len() {
+            if Instant::now() > deadline || self.handles.iter().any(|h| h.is_finished()) {
+                self.control.release();
+                return Err("the vCPUs did not pause within 2 s".into());
+            }
+            for h in self.handles {
+                let _ = h.kill(signals::vcpu_kick_signal());
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        self.paused = true;
+        tracing::info!("VM paused");
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        if self.paused {
+            self.control.release();
+            self.paused = false;
+            tracing::info!("VM resumed");
+        }
+    }
+
+    fn snapshot(&self) -> Result<(String, u64), String> {
+        let Some(dir) = &self.snapshot_dir else {
+            return Err("no --snapshot-dir was given".into());
+        };
+        let vcpus = self.control.saved()?;
+        let state = VmState {
+            version: SNAPSHOT_VERSION,
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            memory_mib: self.memory_mib,
+            vcpus,
+            vm: self.built.vm.save_state().map_err(|e| e.to_string())?,
+            devices: self.built.devices.save_state(),
+        };
+        let stored = dir
+            .write(&state, &self.built.mem)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            "snapshot written to {} ({} KiB of memory stored)",
+            dir.path().display(),
+            stored >> 10
+        );
+        Ok((dir.path().display().to_string(), stored))
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
 }
 
 /// Phase: the memory report (peak RSS, guest RAM touched, VMM overhead).
@@ -406,9 +603,15 @@ fn log_memory(proc_files: Option<&mut crate::metrics::ProcFiles>, built: &BuiltV
 
 /// Ask every vCPU thread to stop and wait (bounded) for them. Returns
 /// whether all of them stopped.
-fn stop_vcpus(stop: &AtomicBool, handles: Vec<std::thread::JoinHandle<()>>) -> bool {
+fn stop_vcpus(
+    stop: &AtomicBool,
+    control: &VcpuControl,
+    handles: Vec<std::thread::JoinHandle<()>>,
+) -> bool {
     let mut all = true;
     stop.store(true, Ordering::Release);
+    // Paused ones wake, see `stop` and end.
+    control.release();
     let deadline = Instant::now() + Duration::from_secs(2);
     for h in handles {
         // Kick until it leaves KVM_RUN: a kick that lands just before it

@@ -88,6 +88,14 @@ impl<const N: usize> Activation<N> {
         self.active = None;
     }
 
+    /// The live queues' states while active (empty when inactive).
+    pub fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+            .unwrap_or_default()
+    }
+
     /// Between activate and reset.
     pub fn is_activated(&self) -> bool {
         self.active.is_some()

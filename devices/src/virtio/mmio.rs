@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{ActivateContext, Interrupt, LogOnce, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateContext, ActivateError, Interrupt, LogOnce, QueueSnapshot, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
 use crate::bus::{lock, BusDevice};
 
 /// Size of one device's MMIO window.
@@ -64,6 +67,60 @@ pub mod status {
     pub const DEVICE_NEEDS_RESET: u32 = 0x40;
     /// The driver gave up on the device.
     pub const FAILED: u32 = 0x80;
+}
+
+/// What a snapshot keeps of one transport: its registers, the queues as
+/// the driver programmed them, and (active) the device's live queues with
+/// their ring positions.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// The device behind it (checked on restore).
+    pub device_type: u32,
+    /// Status register.
+    pub device_status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// The transport's view of each queue (what the driver wrote).
+    pub queues: Vec<QueueSnapshot>,
+    /// The device's queues while active, ring positions included.
+    pub live_queues: Vec<QueueSnapshot>,
+}
+
+/// Why a saved transport cannot be put back.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportRestoreError {
+    /// The saved state is of another device type.
+    #[error("the snapshot has virtio device type {saved} here, this VM has {here}")]
+    DeviceType {
+        /// Saved.
+        saved: u32,
+        /// This VM's.
+        here: u32,
+    },
+    /// The saved state has another number of queues.
+    #[error("the snapshot's device has {saved} queues, this one {here}")]
+    QueueCount {
+        /// Saved.
+        saved: usize,
+        /// This VM's.
+        here: usize,
+    },
+    /// A saved queue is not valid (size, addresses).
+    #[error("saved queue {0} is not valid")]
+    Queue(usize),
+    /// The device refused its saved queues.
+    #[error("the device refused its saved queues: {0}")]
+    Activate(ActivateError),
 }
 
 /// One virtio device behind its MMIO register file.
@@ -133,6 +190,93 @@ impl MmioTransport {
     /// The device's interrupt.
     pub fn interrupt(&self) -> &Arc<Interrupt> {
         &self.interrupt
+    }
+
+    /// The state a snapshot keeps (the VM is paused: no vCPU is in here).
+    pub fn state(&self) -> TransportState {
+        let live_queues = lock(&self.device)
+            .queue_states()
+            .into_iter()
+            .map(QueueSnapshot::from)
+            .collect();
+        TransportState {
+            device_type: self.device_type,
+            device_status: self.device_status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            live_queues,
+        }
+    }
+
+    /// Put back a saved state. An active device gets its saved live queues
+    /// (the driver does not set DRIVER_OK again), is told it was restored,
+    /// and its interrupt is raised once so the driver looks at its rings.
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), TransportRestoreError> {
+        if s.device_type != self.device_type {
+            return Err(TransportRestoreError::DeviceType {
+                saved: s.device_type,
+                here: self.device_type,
+            });
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(TransportRestoreError::QueueCount {
+                saved: s.queues.len(),
+                here: self.queues.len(),
+            });
+        }
+        let to_queue = |(i, q): (usize, &QueueSnapshot)| {
+            Queue::try_from(virtio_queue::QueueState::from(*q))
+                .map_err(|_| TransportRestoreError::Queue(i))
+        };
+        let queues = s
+            .queues
+            .iter()
+            .enumerate()
+            .map(to_queue)
+            .collect::<Result<Vec<_>, _>>()?;
+        let active = s.device_status & status::DRIVER_OK != 0;
+        let live = if active {
+            let live = s
+                .live_queues
+                .iter()
+                .enumerate()
+                .map(to_queue)
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Some(bad) = live.iter().position(|q| !q.is_valid(&self.mem)) {
+                return Err(TransportRestoreError::Queue(bad));
+            }
+            Some(live)
+        } else {
+            None
+        };
+        self.queues = queues;
+        self.device_status = s.device_status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        self.interrupt.ack(u32::MAX);
+        self.interrupt.set(s.interrupt_status);
+        if let Some(live) = live {
+            let ctx = ActivateContext {
+                mem: self.mem.clone(),
+                interrupt: self.interrupt.clone(),
+                queues: live,
+                acked_features: self.acked_features,
+            };
+            let mut dev = lock(&self.device);
+            dev.activate(ctx).map_err(TransportRestoreError::Activate)?;
+            dev.restored();
+            drop(dev);
+            self.interrupt.signal_used_queue();
+        }
+        Ok(())
     }
 
     /// Current Status register value.

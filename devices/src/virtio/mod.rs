@@ -25,7 +25,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -114,6 +114,11 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Set `bits` without raising the interrupt (a restore).
+    pub fn set(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
     /// The driver acknowledged `bits` (InterruptACK).
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
@@ -170,6 +175,71 @@ pub trait VirtioDevice: Send {
     /// driver reset (reported as DEVICE_NEEDS_RESET in Status).
     fn needs_reset(&self) -> bool {
         false
+    }
+    /// The live queues' registers while active (indices included), for a
+    /// snapshot; empty when inactive.
+    fn queue_states(&self) -> Vec<QueueState> {
+        Vec::new()
+    }
+    /// Called once after a restore re-activated the device with its saved
+    /// queues: the device tells the driver what did not survive (vsock:
+    /// its connections, through the transport-reset event).
+    fn restored(&mut self) {}
+}
+
+/// A virtqueue's registers and ring positions as a snapshot keeps them
+/// (`virtio-queue`'s [`QueueState`], serialisable).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Next available-ring entry the device takes.
+    pub next_avail: u16,
+    /// Next used-ring entry the device fills.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated.
+    pub event_idx_enabled: bool,
+    /// Size the driver chose.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(s: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(s: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
     }
 }
 

@@ -157,6 +157,15 @@ fn run_step(step: &[u8], cmdline: &[u8]) {
             serial::lock().str("probe: spinning\n");
             cpu::halt_forever();
         }
+        b"count" => {
+            // In RAM, not a register: what a snapshot's memory file keeps.
+            static COUNT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+            loop {
+                let n = COUNT.fetch_add(1, core::sync::atomic::Ordering::Relaxed) + 1;
+                serial::lock().str("probe: count ").dec(n).str("\n");
+                cpu::spin(10_000);
+            }
+        }
         unknown => {
             serial::lock()
                 .str("probe: unknown step ")

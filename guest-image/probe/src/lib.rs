@@ -101,6 +101,7 @@
 //! | `reset` | `out 0x64, 0xfe` (i8042 CPU reset: the VMM should exit 0), then halts | `probe: reset` |
 //! | `fault` | loads an empty IDT and executes `ud2`: a triple fault (the VMM should exit non-zero) | `probe: fault` |
 //! | `spin`  | `cli; hlt` forever (for signal handling tests) | `probe: spinning` |
+//! | `count` | counts forever in RAM (a static), printing each value after a spin of 10000 pauses (snapshot tests: a restored probe goes on from where it was) | `probe: count <n>` for n = 1, 2, ... |
 //!
 //! After the last step (unless it never returns), it prints `probe: halted`
 //! and halts with interrupts off. Other lines:
@@ -317,7 +318,7 @@ pub const LOAD_ADDR: u64 = 0x10_0000;
 /// The step names the probe understands in `probe=`.
 pub const STEPS: &[&str] = &[
     "timer", "smp", "echo", "virtio", "blk", "blkbench", "vsock", "ready", "net", "netbench",
-    "reset", "fault", "spin",
+    "reset", "fault", "spin", "count",
 ];
 
 /// Bytes of a disk sector as the `blk` step uses them.

@@ -386,6 +386,10 @@ impl VirtioDevice for Block {
         self.activation.is_activated()
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.activation.queue_states()
+    }
+
     fn needs_reset(&self) -> bool {
         self.broken
     }

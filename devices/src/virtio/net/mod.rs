@@ -909,6 +909,10 @@ impl VirtioDevice for Net {
     fn is_activated(&self) -> bool {
         self.activation.is_activated()
     }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.activation.queue_states()
+    }
 }
 
 impl MutEventSubscriber for Net {

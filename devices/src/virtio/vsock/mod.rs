@@ -154,6 +154,43 @@ impl Vsock {
         &self.uds_path
     }
 
+    /// Tell the driver every connection is gone (a restore: the host
+    /// sockets stayed with the old process): one
+    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue. Linux then
+    /// resets its sockets and reads the CID again. Without an event buffer
+    /// from the driver it is logged and skipped (its connections then time
+    /// out instead).
+    pub fn send_transport_reset(&mut self) {
+        let Some(a) = self.activation.active_mut() else {
+            return;
+        };
+        let mem = &a.mem;
+        let q = &mut a.queues[EVQ];
+        let Some(mut chain) = q.pop_descriptor_chain(mem) else {
+            self.bad_queue.warn(format_args!(
+                "vsock: no event buffer for the transport reset"
+            ));
+            return;
+        };
+        let head = chain.head_index();
+        // struct virtio_vsock_event { le32 id }, id 0 = TRANSPORT_RESET.
+        let written = match chain.find(|d| d.is_write_only() && d.len() >= 4) {
+            Some(d) => {
+                use vm_memory::Bytes;
+                mem.write_obj(0u32.to_le(), d.addr()).is_ok()
+            }
+            None => false,
+        };
+        if !written {
+            self.bad_queue
+                .warn(format_args!("vsock: the event buffer cannot hold an event"));
+        }
+        let len = if written { 4 } else { 0 };
+        if q.add_used(mem, head, len).is_ok() {
+            a.interrupt.signal_used_queue();
+        }
+    }
+
     /// Live connections.
     pub fn connection_count(&self) -> usize {
         self.muxer.conn_count()
@@ -365,6 +402,14 @@ impl VirtioDevice for Vsock {
 
     fn is_activated(&self) -> bool {
         self.activation.is_activated()
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.activation.queue_states()
+    }
+
+    fn restored(&mut self) {
+        self.send_transport_reset();
     }
 }
 

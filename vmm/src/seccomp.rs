@@ -4,8 +4,9 @@
 //!
 //! | thread | syscalls | why |
 //! |---|---|---|
-//! | vCPU (`ks_vcpuN`) | [`VCPU_SYSCALLS`] | KVM_RUN, and KVM_GET_REGS / KVM_GET_SREGS (read-only: the state logged on a fatal exit) only, eventfd/console writes, locks, allocation, the kick signal, closing fds (`fcntl` only as F_GETFD), thread exit |
+//! | vCPU (`ks_vcpuN`) | [`VCPU_SYSCALLS`] | KVM_RUN, and KVM_GET_* of its own state only (read-only: the state logged on a fatal exit, or saved when it pauses), eventfd/console writes, locks, allocation, the kick signal, closing fds (`fcntl` only as F_GETFD), thread exit |
 //! | VMM (event loop) | [`VMM_SYSCALLS`] | epoll, eventfds, disk I/O, AF_UNIX sockets for vsock, timers, terminal restore, allocation, vCPU kicks, exit |
+//! | VMM with `--snapshot-dir` | [`VMM_SYSCALLS`] + [`SNAPSHOT_SYSCALLS`] | the above, and writing a snapshot: `openat`/`renameat` relative to the snapshot directory's descriptor, `ftruncate`, KVM_GET_IRQCHIP/PIT2/CLOCK |
 //!
 //! Both stay under Firecracker's sizes (VMM 50, vCPU 27). A few calls are
 //! narrowed by argument: `ioctl` to the listed request numbers, `socket` to
@@ -396,6 +397,8 @@ mod tests {
     fn lists_stay_within_firecrackers_sizes() {
         assert!(VCPU_SYSCALLS.len() <= 27, "{}", VCPU_SYSCALLS.len());
         assert!(VMM_SYSCALLS.len() <= 50, "{}", VMM_SYSCALLS.len());
+        assert!(VMM_SYSCALLS.len() + SNAPSHOT_SYSCALLS.len() <= 50);
+        assert!(program(ThreadKind::VmmSnapshots(3), Violation::Kill).is_ok());
         assert!(SUPERVISOR_SYSCALLS.len() <= 20);
         // Only the jail's supervisor outside removes files (the socket).
         assert!(!VMM_SYSCALLS.contains(&libc::SYS_unlink));
@@ -458,6 +461,47 @@ mod tests {
             assert_eq!(libc::WEXITSTATUS(status), 0, "child exit status");
             None
         }
+    }
+
+    #[test]
+    fn a_snapshotting_vmm_thread_opens_only_relative_to_its_snapshot_dir() {
+        // Standing in for the snapshot directory's descriptor: AT_FDCWD.
+        let kind = ThreadKind::VmmSnapshots(libc::AT_FDCWD);
+        let relative = in_filtered_child(kind, || {
+            // SAFETY: openat(2) with a static NUL-terminated path.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    c"/dev/null".as_ptr(),
+                    libc::O_RDONLY,
+                )
+            };
+            if fd < 0 {
+                // SAFETY: exit(2) with an integer argument.
+                unsafe { libc::syscall(libc::SYS_exit, 3) };
+            }
+        });
+        assert_eq!(relative, None);
+        let other_dir = in_filtered_child(kind, || {
+            // SAFETY: openat(2) on fd 0 with a static path; the filter
+            // kills the process first.
+            unsafe { libc::syscall(libc::SYS_openat, 0, c"/dev/null".as_ptr(), libc::O_RDONLY) };
+        });
+        assert_eq!(other_dir, Some(libc::SIGSYS));
+        // Without --snapshot-dir, no openat at all.
+        let plain = in_filtered_child(ThreadKind::Vmm, || {
+            // SAFETY: as above.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    c"/dev/null".as_ptr(),
+                    libc::O_RDONLY,
+                )
+            };
+        });
+        assert_eq!(plain, Some(libc::SIGSYS));
     }
 
     #[test]

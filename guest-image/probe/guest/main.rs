@@ -157,6 +157,7 @@ fn run_step(step: &[u8], cmdline: &[u8]) {
             serial::lock().str("probe: spinning\n");
             cpu::halt_forever();
         }
+        b"fill" => fill(cmdline),
         b"count" => {
             // In RAM, not a register: what a snapshot's memory file keeps.
             static COUNT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
@@ -172,6 +173,48 @@ fn run_step(step: &[u8], cmdline: &[u8]) {
                 .bytes(unknown)
                 .str("\n");
         }
+    }
+}
+
+/// Start of the RAM the `fill` step writes (above the probe's image,
+/// stacks and the blkbench buffer).
+const FILL_BASE: u64 = 0x0100_0000;
+
+/// The `fill` step: write `probe.fill_mib=` MiB (16) at 16 MiB with a
+/// pattern, then read it all back forever, one pass per line (the
+/// snapshot benchmark: a restored guest touches every page it had).
+fn fill(cmdline: &[u8]) -> ! {
+    let mib = bootparams::value(cmdline, b"probe.fill_mib=")
+        .and_then(bootparams::parse_u64)
+        .unwrap_or(16);
+    let words = mib * (1 << 20) / 8;
+    for i in 0..words {
+        let p = (FILL_BASE + i * 8) as *mut u64;
+        // SAFETY: identity-mapped guest RAM above everything the probe
+        // uses; the host sized the VM for it (`probe.fill_mib`).
+        unsafe { p.write_volatile(i ^ 0x5a5a_5a5a_5a5a_5a5a) };
+    }
+    serial::lock().str("probe: fill done mib=").dec(mib).str("\n");
+    let mut pass = 0u64;
+    loop {
+        let mut bad = 0u64;
+        // One word per 4 KiB page: every page is touched.
+        let mut i = 0;
+        while i < words {
+            let p = (FILL_BASE + i * 8) as *const u64;
+            // SAFETY: as above.
+            if unsafe { p.read_volatile() } != i ^ 0x5a5a_5a5a_5a5a_5a5a {
+                bad += 1;
+            }
+            i += 512;
+        }
+        pass += 1;
+        serial::lock()
+            .str("probe: fill pass ")
+            .dec(pass)
+            .str(" bad=")
+            .dec(bad)
+            .str("\n");
     }
 }
 

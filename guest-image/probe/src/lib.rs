@@ -101,6 +101,7 @@
 //! | `reset` | `out 0x64, 0xfe` (i8042 CPU reset: the VMM should exit 0), then halts | `probe: reset` |
 //! | `fault` | loads an empty IDT and executes `ud2`: a triple fault (the VMM should exit non-zero) | `probe: fault` |
 //! | `spin`  | `cli; hlt` forever (for signal handling tests) | `probe: spinning` |
+//! | `fill` | writes `probe.fill_mib=` MiB (16) of RAM at 16 MiB with a pattern, then reads one word of every page of it forever (snapshot benchmark: a restored guest touches all it had) | `probe: fill done mib=<n>`, then `probe: fill pass <n> bad=<wrong words>` |
 //! | `count` | counts forever in RAM (a static), printing each value after a spin of 10000 pauses (snapshot tests: a restored probe goes on from where it was) | `probe: count <n>` for n = 1, 2, ... |
 //!
 //! After the last step (unless it never returns), it prints `probe: halted`
@@ -318,7 +319,7 @@ pub const LOAD_ADDR: u64 = 0x10_0000;
 /// The step names the probe understands in `probe=`.
 pub const STEPS: &[&str] = &[
     "timer", "smp", "echo", "virtio", "blk", "blkbench", "vsock", "ready", "net", "netbench",
-    "reset", "fault", "spin", "count",
+    "reset", "fault", "spin", "count", "fill",
 ];
 
 /// Bytes of a disk sector as the `blk` step uses them.

@@ -414,6 +414,46 @@ fn agent_sandbox_over_ssh_and_git() {
         0
     );
 
+    // snapshot: memory, CPU and device state with a consistent copy of
+    // the disk, the VM paused meanwhile and running on after.
+    let out = w.run(&["agent", "snapshot", "proj", "--tag", "t1"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout(&out).contains("snapshot t1"), "{}", stdout(&out));
+    let snap = world
+        .root
+        .join("config/keystone/agent/sandboxes/proj/snapshots/t1");
+    for f in ["memory", "state.json", "disk.ext4", "meta.json"] {
+        assert!(snap.join(f).is_file(), "snapshot file {f} missing");
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("meta.json")).unwrap()).unwrap();
+    let mib = meta["memory_mib"].as_u64().unwrap();
+    assert_eq!(
+        std::fs::metadata(snap.join("memory")).unwrap().len(),
+        mib << 20
+    );
+    assert!(meta["memory_stored"].as_u64().unwrap() > 0, "{meta}");
+    assert_eq!(
+        std::fs::metadata(snap.join("disk.ext4")).unwrap().len(),
+        std::fs::metadata(
+            world
+                .root
+                .join("config/keystone/agent/sandboxes/proj/disk.ext4")
+        )
+        .unwrap()
+        .len(),
+        "the disk copy has the disk's size"
+    );
+    let again = w.run(&["agent", "snapshot", "proj", "--tag", "t1"]);
+    assert_eq!(code(&again), 2, "a taken tag");
+    assert_eq!(w.status()["snapshots"], serde_json::json!(["t1"]));
+    let out = w.run(&["agent", "exec", "proj", "--", "echo", "after-snapshot"]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "after-snapshot",
+        "resumed after the snapshot"
+    );
+
     // stop --sync: the pending commit comes home, then the guest powers off.
     w.git(&["reset", "-q", "--hard", "refs/keystone/proj/main"]);
     let out = w.run(&["agent", "stop", "--sync"]);

@@ -54,6 +54,11 @@ pub enum AgentCommand {
     /// and its proxy's audit log. Changes apply to a running sandbox at
     /// once. Exit codes: 0 done, 1 no such sandbox, 2 bad pattern.
     Net(NetArgs),
+    /// Save a running sandbox's memory, CPU and device state with a
+    /// consistent copy of its disk under `snapshots/<tag>/` (the VM is
+    /// paused meanwhile), or list them. Exit codes: 0 done, 1 no such
+    /// sandbox, not running, or the snapshot failed, 2 bad or taken tag.
+    Snapshot(SnapshotArgs),
     /// Internal: the per-sandbox supervisor started by `start`.
     #[command(name = "__supervise", hide = true)]
     Supervise(SuperviseArgs),
@@ -230,6 +235,22 @@ pub struct SshConfigArgs {
     pub name: Option<String>,
 }
 
+/// `keystone agent snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The sandbox.
+    pub name: String,
+    /// The snapshot's name (default: the time, in Unix seconds).
+    #[arg(long, value_name = "TAG", conflicts_with = "list")]
+    pub tag: Option<String>,
+    /// List its snapshots instead.
+    #[arg(long)]
+    pub list: bool,
+    /// With --list: JSON.
+    #[arg(long, requires = "list")]
+    pub json: bool,
+}
+
 /// `keystone agent port`.
 #[derive(Debug, Args)]
 pub struct PortArgs {
@@ -385,6 +406,7 @@ struct SandboxJson<'a> {
     sandbox: &'a Sandbox,
     pid: Option<u32>,
     running: bool,
+    snapshots: Vec<String>,
 }
 
 fn json_of(s: &Sandbox) -> SandboxJson<'_> {
@@ -392,6 +414,10 @@ fn json_of(s: &Sandbox) -> SandboxJson<'_> {
         sandbox: s,
         pid: s.vmm.map(|p| p.pid),
         running: s.status == super::state::Status::Running,
+        snapshots: super::snapshot::list_of(s)
+            .into_iter()
+            .map(|i| i.tag)
+            .collect(),
     }
 }
 
@@ -425,6 +451,18 @@ fn human_status(s: &Sandbox) -> String {
     line("network:", s.network.to_string());
     line("sync mode:", s.sync_mode.as_str().into());
     line("disk:", s.disk.display().to_string());
+    let snaps: Vec<String> = super::snapshot::list_of(s)
+        .into_iter()
+        .map(|i| i.tag)
+        .collect();
+    line(
+        "snapshots:",
+        if snaps.is_empty() {
+            "-".into()
+        } else {
+            snaps.join(", ")
+        },
+    );
     line("state:", s.state_dir.display().to_string());
     line(
         "image:",
@@ -662,6 +700,46 @@ fn port(paths: &AgentPaths, a: PortArgs) -> u8 {
     }
 }
 
+fn snapshot_verb(paths: &AgentPaths, a: SnapshotArgs) -> u8 {
+    if a.list {
+        return match paths.registry().find(Some(&a.name)) {
+            Ok(s) => {
+                let list = super::snapshot::list_of(&s);
+                if a.json {
+                    return print_json(&list);
+                }
+                for i in &list {
+                    println!(
+                        "{}  {}  {} MiB stored  paused {} ms",
+                        i.tag,
+                        format_time(i.created_at),
+                        i.memory_stored >> 20,
+                        i.paused_ms
+                    );
+                }
+                if list.is_empty() {
+                    eprintln!("keystone: sandbox {} has no snapshots", a.name);
+                }
+                exit::OK
+            }
+            Err(e) => fail(&e.into()),
+        };
+    }
+    match super::snapshot::take(paths, &a.name, a.tag.as_deref()) {
+        Ok(i) => {
+            println!(
+                "sandbox {}: snapshot {} ({} MiB of memory stored, disk copied, paused {} ms)",
+                a.name,
+                i.tag,
+                i.memory_stored >> 20,
+                i.paused_ms
+            );
+            exit::OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 /// Runs one `keystone agent` verb; returns the exit code.
 pub fn run(cmd: AgentCommand) -> u8 {
     if let AgentCommand::Supervise(a) = cmd {
@@ -752,6 +830,7 @@ pub fn run(cmd: AgentCommand) -> u8 {
             Err(e) => fail(&e),
         },
         AgentCommand::Port(a) => port(&paths, a),
+        AgentCommand::Snapshot(a) => snapshot_verb(&paths, a),
         AgentCommand::Net(a) => net_verb(&paths, a),
         AgentCommand::Supervise(_) => exit::OK,
         AgentCommand::Capped(a) => {

@@ -550,6 +550,9 @@ fn record_launch(
     }
     let args =
         vmm_process::launch_args(sandbox, image, key.as_deref()).map_err(|e| st.failed(e))?;
+    let staging = super::snapshot::staging_dir(sandbox);
+    std::fs::create_dir_all(&staging)
+        .map_err(|e| st.failed(AgentError::Snapshot(format!("{}: {e}", staging.display()))))?;
     sandbox.launch = Some(Launch { vmm, args });
     sandbox.image = Some(ImageRef {
         dir: image.dir.clone(),

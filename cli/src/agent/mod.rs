@@ -31,6 +31,7 @@ pub mod policy;
 pub mod ports;
 pub mod remote;
 pub mod session;
+pub mod snapshot;
 pub mod ssh;
 pub mod state;
 pub mod supervisor;
@@ -99,6 +100,9 @@ pub enum AgentError {
     /// KVM cannot run the sandbox here.
     #[error("{0}")]
     NoKvm(String),
+    /// A snapshot could not be taken or read.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// No such sandbox.
     #[error("no sandbox named {0}")]
     NotFound(String),
@@ -148,6 +152,7 @@ impl AgentError {
             | AgentError::Refused(_)
             | AgentError::Attach { .. }
             | AgentError::Forward(_)
+            | AgentError::Snapshot(_)
             | AgentError::State(_)
             | AgentError::Internal(_) => exit::FAILURE,
         }

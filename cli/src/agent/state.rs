@@ -663,6 +663,14 @@ impl Sandbox {
         self.dir.join("policy.json")
     }
 
+    /// `<vsock_uds>.api`: its keystone-vmm's control socket (`--api-sock`;
+    /// snapshots). Beside the vsock socket, so it fits a `sun_path` too.
+    pub fn api_socket(&self) -> PathBuf {
+        let mut s = self.vsock_uds.clone().into_os_string();
+        s.push(".api");
+        PathBuf::from(s)
+    }
+
     /// Its egress proxy's log (`--network policy`).
     pub fn net_log(&self) -> PathBuf {
         self.state_dir.join("net.log")
@@ -678,6 +686,7 @@ impl Sandbox {
     /// commit notifications), if they are sockets.
     pub fn remove_sockets(&self) {
         remove_socket(&self.vsock_uds);
+        remove_socket(&self.api_socket());
         remove_socket(&self.port_socket(crate::image::READY_PORT));
         remove_socket(&self.port_socket(crate::image::NOTIFY_PORT));
         remove_socket(&self.port_socket(super::egress::EGRESS_PORT));

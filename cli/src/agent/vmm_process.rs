@@ -116,6 +116,14 @@ pub fn launch_args(
         args.push(net);
     }
     args.push("--boot-timer".into());
+    // The control API, for `keystone agent snapshot` (the staging
+    // directory is made before the VMM starts).
+    args.extend([
+        "--api-sock".into(),
+        path(&s.api_socket(), "control socket")?,
+        "--snapshot-dir".into(),
+        path(&super::snapshot::staging_dir(s), "snapshot")?,
+    ]);
     if jail_available().is_ok() {
         // The caller's own ids: as root uid 0 without any capability (the
         // sandbox's sockets are root's), otherwise what the user namespace

@@ -130,7 +130,10 @@ fn pause_stops_the_guest_and_a_snapshot_restores_where_it_was() {
     assert!(vm.wait_exit(BOOT).success(), "{}", vm.stderr());
 
     // Restore: a new VMM, no kernel, goes on from the snapshot's count.
-    let sock2 = dir.0.join("api2.sock");
+    // The first VMM's socket is left behind (no VMM thread may unlink):
+    // a stale one is replaced.
+    assert!(sock.exists());
+    let sock2 = sock.clone();
     let mut restored =
         VmmProcess::spawn(&["--restore", snap_s, "--api-sock", sock2.to_str().unwrap()]);
     let first_after = wait_count_past(&mut restored, 0);

@@ -324,20 +324,10 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, ConfigError> {
     if path.is_empty() {
         return Err(err("empty socket path"));
     }
-    if let Ok(meta) = uds_path.symlink_metadata() {
-        // A socket nobody listens on is what a VMM that exited leaves (no
-        // VMM thread may unlink, see seccomp): replace it.
-        use std::os::unix::fs::FileTypeExt;
-        let stale = meta.file_type().is_socket()
-            && matches!(
-                std::os::unix::net::UnixStream::connect(&uds_path),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
-            );
-        if !stale || std::fs::remove_file(&uds_path).is_err() {
-            return Err(err(
-                "the socket path already exists (and is not a stale socket: another VMM listening, or another file)",
-            ));
-        }
+    if uds_path.symlink_metadata().is_ok() && !remove_stale_socket(&uds_path) {
+        return Err(err(
+            "the socket path already exists (and is not a stale socket: another VMM listening, or another file)",
+        ));
     }
     // sun_path holds 108 bytes with the NUL; `<path>_<port>` adds up to 11.
     if path.len() + 11 >= 108 {
@@ -351,6 +341,21 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, ConfigError> {
         return Err(err("its directory does not exist"));
     }
     Ok(VsockConfig { cid, uds_path })
+}
+
+/// Removes `path` if it is a socket nobody listens on (what a VMM that
+/// exited leaves: no VMM thread may unlink, see seccomp). Whether it is
+/// gone.
+fn remove_stale_socket(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let stale = path
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_socket())
+        && matches!(
+            std::os::unix::net::UnixStream::connect(path),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        );
+    stale && std::fs::remove_file(path).is_ok()
 }
 
 /// Check a kernel command line: printable, no NUL or newline, and short
@@ -436,11 +441,11 @@ impl VmConfig {
                     reason: "its directory does not exist".into(),
                 });
             }
-            if p.symlink_metadata().is_ok() {
+            if p.symlink_metadata().is_ok() && !remove_stale_socket(p) {
                 return Err(ConfigError::Api {
                     flag: "--api-sock",
                     path: p.clone(),
-                    reason: "already exists".into(),
+                    reason: "already exists (and is not a stale socket)".into(),
                 });
             }
         }

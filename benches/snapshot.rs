@@ -13,8 +13,7 @@
 //!
 //! `cargo bench -p keystone-vmm --bench snapshot -- [--runs N] [--children 1,2,4]`
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -27,18 +26,15 @@ const FILL_MIB: u64 = 128;
 
 fn api(sock: &Path, req: &str) -> serde_json::Value {
     let deadline = Instant::now() + WAIT;
-    let s = loop {
-        match UnixStream::connect(sock) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() > deadline => panic!("api {}: {e}", sock.display()),
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+    loop {
+        match keystone_vmm::api::request(sock, req, WAIT) {
+            Ok(v) => return v,
+            Err(_) if Instant::now() < deadline && !sock.exists() => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("api {}: {e}", sock.display()),
         }
-    };
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    writeln!(&s, "{req}").unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
+    }
 }
 
 /// A VMM with its stdout lines arriving on a channel, stamped.

@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -16,27 +14,19 @@ use common::{probe_elf, require_kvm, vmm_bin, TempDir, VmmProcess};
 
 const BOOT: Duration = Duration::from_secs(30);
 
-/// One request on a fresh connection, its reply parsed.
+/// One request on a fresh connection (retried until the socket is
+/// there), its reply parsed.
 fn api(sock: &Path, req: &str) -> serde_json::Value {
     let deadline = Instant::now() + BOOT;
-    let stream = loop {
-        match UnixStream::connect(sock) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(20));
+    loop {
+        match keystone_vmm::api::request(sock, req, Duration::from_secs(20)) {
+            Ok(v) => return v,
+            Err(_) if Instant::now() < deadline && !sock.exists() => {
+                std::thread::sleep(Duration::from_millis(20))
             }
-            Err(e) => panic!("connect {}: {e}", sock.display()),
+            Err(e) => panic!("api {}: {e}", sock.display()),
         }
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut w = stream.try_clone().unwrap();
-    writeln!(w, "{req}").unwrap();
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+    }
 }
 
 /// The last complete `probe: count N` line on the console.

@@ -160,6 +160,28 @@ impl MutEventSubscriber for ApiServer {
     }
 }
 
+/// The client side: send `req` (one JSON object) to the API socket at
+/// `sock` and read the one-line reply, waiting at most `timeout` for it.
+/// What keystone's agent, the tests and the benchmarks call.
+pub fn request(
+    sock: &Path,
+    req: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<serde_json::Value> {
+    use std::io::BufRead;
+    let s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(timeout))?;
+    writeln!(&s, "{req}")?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("reply {line:?}: {e}"),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

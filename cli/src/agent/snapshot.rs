@@ -15,8 +15,6 @@
 //! then renamed into `<tag>.tmp`, which is renamed to `<tag>` last, so a
 //! tag directory is always a whole snapshot.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -71,17 +69,9 @@ pub fn check_tag(tag: &str) -> Result<(), AgentError> {
 
 /// One control-API request to the sandbox's keystone-vmm.
 fn api(sock: &Path, req: &str) -> Result<serde_json::Value, AgentError> {
-    let err = |e: std::io::Error| {
+    let v = keystone_vmm::api::request(sock, req, Duration::from_secs(300)).map_err(|e| {
         AgentError::Snapshot(format!("the VMM's control socket {}: {e}", sock.display()))
-    };
-    let s = UnixStream::connect(sock).map_err(err)?;
-    s.set_read_timeout(Some(Duration::from_secs(300)))
-        .map_err(err)?;
-    writeln!(&s, "{req}").map_err(err)?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).map_err(err)?;
-    let v: serde_json::Value = serde_json::from_str(&line)
-        .map_err(|e| AgentError::Snapshot(format!("the VMM's reply {line:?}: {e}")))?;
+    })?;
     if v["ok"] != true {
         return Err(AgentError::Snapshot(format!(
             "the VMM refused {req}: {}",

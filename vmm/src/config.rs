@@ -343,6 +343,26 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, ConfigError> {
     Ok(VsockConfig { cid, uds_path })
 }
 
+/// A value a snapshot fixes (memory, vCPUs): the snapshot's, and a given
+/// one must equal it (else `mismatch(given, saved)` names the difference);
+/// without a snapshot the given one, or `default`.
+fn fixed_by_snapshot(
+    saved: Option<(&PathBuf, u64)>,
+    given: Option<u64>,
+    default: u64,
+    mismatch: impl Fn(u64, u64) -> String,
+) -> Result<u64, ConfigError> {
+    match (saved, given) {
+        (Some((dir, v)), Some(g)) if g != v => Err(crate::snapshot::SnapshotError::Mismatch {
+            dir: dir.clone(),
+            reason: mismatch(g, v),
+        }
+        .into()),
+        (Some((_, v)), _) => Ok(v),
+        (None, g) => Ok(g.unwrap_or(default)),
+    }
+}
+
 /// Removes `path` if it is a socket nobody listens on (what a VMM that
 /// exited leaves: no VMM thread may unlink, see seccomp). Whether it is
 /// gone.
@@ -395,28 +415,15 @@ impl VmConfig {
             }
             None => None,
         };
-        let memory = match (saved, cli.memory) {
-            (Some((dir, m, _)), Some(given)) if given != m => {
-                return Err(crate::snapshot::SnapshotError::Mismatch {
-                    dir: dir.clone(),
-                    reason: format!("--memory {given} MiB, the snapshot has {m} MiB"),
-                }
-                .into())
-            }
-            (Some((_, m, _)), _) => m,
-            (None, given) => given.unwrap_or(512),
-        };
-        let vcpus = match (saved, cli.vcpus) {
-            (Some((dir, _, n)), Some(given)) if given != n => {
-                return Err(crate::snapshot::SnapshotError::Mismatch {
-                    dir: dir.clone(),
-                    reason: format!("--vcpus {given}, the snapshot has {n}"),
-                }
-                .into())
-            }
-            (Some((_, _, n)), _) => n,
-            (None, given) => given.unwrap_or(1),
-        };
+        let memory = fixed_by_snapshot(
+            saved.map(|(d, m, _)| (d, m)),
+            cli.memory,
+            512,
+            |given, m| format!("--memory {given} MiB, the snapshot has {m} MiB"),
+        )?;
+        let vcpus = fixed_by_snapshot(saved.map(|(d, _, n)| (d, n)), cli.vcpus, 1, |given, n| {
+            format!("--vcpus {given}, the snapshot has {n}")
+        })?;
         if memory < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall(memory));
         }

@@ -201,6 +201,14 @@ impl Vcpu {
         })
     }
 
+    /// `entries` as the list KVM_GET_MSRS/KVM_SET_MSRS take.
+    fn msrs(&self, entries: &[kvm_msr_entry]) -> Result<Msrs, VcpuError> {
+        Msrs::from_entries(entries).map_err(|_| VcpuError::UnexpectedExit {
+            id: self.id,
+            exit: "MSR list".into(),
+        })
+    }
+
     fn ioctl(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
         let id = self.id;
         move |source| VcpuError::Ioctl { id, what, source }
@@ -234,10 +242,7 @@ impl Vcpu {
         // Set them one at a time so a refusal names the MSR and the rest
         // still get set.
         for m in wanted {
-            let msrs = Msrs::from_entries(&[m]).map_err(|_| VcpuError::UnexpectedExit {
-                id: self.id,
-                exit: "MSR list".into(),
-            })?;
+            let msrs = self.msrs(&[m])?;
             match self.fd.set_msrs(&msrs) {
                 Ok(1) => {}
                 Ok(_) | Err(_) => {
@@ -310,10 +315,7 @@ impl Vcpu {
                     ..Default::default()
                 })
                 .collect();
-            let mut m = Msrs::from_entries(&entries).map_err(|_| VcpuError::UnexpectedExit {
-                id: self.id,
-                exit: "MSR list".into(),
-            })?;
+            let mut m = self.msrs(&entries)?;
             let n = self
                 .fd
                 .get_msrs(&mut m)
@@ -324,10 +326,7 @@ impl Vcpu {
             }
             // KVM stops at the first MSR it will not read: one at a time.
             for e in entries {
-                let mut one = Msrs::from_entries(&[e]).map_err(|_| VcpuError::UnexpectedExit {
-                    id: self.id,
-                    exit: "MSR list".into(),
-                })?;
+                let mut one = self.msrs(&[e])?;
                 if let Ok(1) = self.fd.get_msrs(&mut one) {
                     msrs.extend_from_slice(one.as_slice());
                 }
@@ -397,17 +396,11 @@ impl Vcpu {
         let mut entries = s.msrs.clone();
         entries.sort_by_key(|e| e.index == MSR_IA32_TSC_DEADLINE);
         for chunk in entries.chunks(64) {
-            let m = Msrs::from_entries(chunk).map_err(|_| VcpuError::UnexpectedExit {
-                id: self.id,
-                exit: "MSR list".into(),
-            })?;
+            let m = self.msrs(chunk)?;
             let n = self.fd.set_msrs(&m).map_err(self.ioctl("KVM_SET_MSRS"))?;
             if n != chunk.len() {
                 for e in chunk {
-                    let one = Msrs::from_entries(&[*e]).map_err(|_| VcpuError::UnexpectedExit {
-                        id: self.id,
-                        exit: "MSR list".into(),
-                    })?;
+                    let one = self.msrs(&[*e])?;
                     if !matches!(self.fd.set_msrs(&one), Ok(1)) {
                         tracing::debug!("vCPU {}: KVM refused saved MSR {:#x}", self.id, e.index);
                     }

@@ -59,6 +59,13 @@ pub enum AgentCommand {
     /// paused meanwhile), or list them. Exit codes: 0 done, 1 no such
     /// sandbox, not running, or the snapshot failed, 2 bad or taken tag.
     Snapshot(SnapshotArgs),
+    /// N new sandboxes from one snapshot of NAME (a new one if it runs),
+    /// each with its own disk copy, CID, MAC and hostname, and its own
+    /// branch keystone/<child> checked out in /workspace (synced like any
+    /// sandbox's, into refs/keystone/<child>/*). Exit codes: 0 all run,
+    /// 1 no such sandbox, nothing to fork, or a child failed, 2 bad usage,
+    /// 3 image, 4 KVM.
+    Fork(ForkArgs),
     /// Internal: the per-sandbox supervisor started by `start`.
     #[command(name = "__supervise", hide = true)]
     Supervise(SuperviseArgs),
@@ -124,6 +131,11 @@ pub struct StartArgs {
     /// Make a new disk from the project (restarting the sandbox if it runs).
     #[arg(long)]
     pub fresh: bool,
+    /// Boot, even when the newest snapshot was taken during the sandbox's
+    /// last run and could be resumed (its running processes back, in well
+    /// under the time of a boot; the disk goes back to the snapshot's).
+    #[arg(long, conflicts_with = "fresh")]
+    pub cold: bool,
     /// Do not attach once the guest is ready.
     #[arg(long)]
     pub no_attach: bool,
@@ -249,6 +261,24 @@ pub struct SnapshotArgs {
     /// With --list: JSON.
     #[arg(long, requires = "list")]
     pub json: bool,
+}
+
+/// `keystone agent fork`.
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// The sandbox to fork.
+    pub name: String,
+    /// How many children.
+    #[arg(value_name = "N", value_parser = clap::value_parser!(u32).range(1..=super::fork::MAX_CHILDREN as i64))]
+    pub count: u32,
+    /// Children are named PREFIX-1, PREFIX-2, ... (default NAME-fork),
+    /// counting on from the highest that exists.
+    #[arg(long, value_name = "PREFIX")]
+    pub prefix: Option<String>,
+    /// Restore this snapshot of NAME (default: a new one if NAME runs,
+    /// else its newest).
+    #[arg(long, value_name = "TAG")]
+    pub snapshot: Option<String>,
 }
 
 /// `keystone agent port`.
@@ -463,6 +493,12 @@ fn human_status(s: &Sandbox) -> String {
             snaps.join(", ")
         },
     );
+    if let Some(o) = &s.forked_from {
+        line(
+            "forked from:",
+            format!("{} (snapshot {})", o.sandbox, o.snapshot),
+        );
+    }
     line("state:", s.state_dir.display().to_string());
     line(
         "image:",
@@ -500,6 +536,7 @@ fn table(list: &[Sandbox]) -> String {
         "CID".into(),
         "MEMORY".into(),
         "VCPUS".into(),
+        "FROM".into(),
         "PROJECT".into(),
     ]];
     for s in list {
@@ -512,10 +549,14 @@ fn table(list: &[Sandbox]) -> String {
             s.cid.to_string(),
             format!("{} MiB", s.memory_mib),
             s.vcpus.to_string(),
+            s.forked_from
+                .as_ref()
+                .map(|o| format!("{}@{}", o.sandbox, o.snapshot))
+                .unwrap_or_else(|| "-".into()),
             s.project_path.display().to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -524,7 +565,7 @@ fn table(list: &[Sandbox]) -> String {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                if i == 6 {
+                if i == 7 {
                     c.clone()
                 } else {
                     format!("{c:<w$}", w = widths[i])
@@ -557,6 +598,7 @@ fn start(paths: &AgentPaths, a: StartArgs) -> u8 {
         vcpus: a.vcpus,
         nested: a.nested && !a.no_nested,
         fresh: a.fresh,
+        cold: a.cold,
         network: a.network.map(|n| match n {
             NetworkArg::User => NetworkChoice::User,
             NetworkArg::Tap => NetworkChoice::Tap,
@@ -586,13 +628,28 @@ fn start(paths: &AgentPaths, a: StartArgs) -> u8 {
             d.branch.as_deref().unwrap_or("detached HEAD")
         );
     }
+    if let Some(r) = &started.resumed {
+        eprintln!(
+            "keystone: resumed snapshot {} (the disk as it was at the last stop is kept at {})",
+            r.tag,
+            r.kept_disk.display()
+        );
+    }
+    if let Some(w) = &started.warning {
+        eprintln!("keystone: warning: {w}");
+    }
     println!(
-        "sandbox {} is running (pid {}, cid {}, ready in {:.1} s)",
+        "sandbox {} is running (pid {}, cid {}, {} in {:.1} s)",
         s.name,
         s.vmm
             .map(|p| p.pid.to_string())
             .unwrap_or_else(|| "?".into()),
         s.cid,
+        if started.resumed.is_some() {
+            "resumed"
+        } else {
+            "ready"
+        },
         started.boot_time.as_secs_f64()
     );
     if a.no_attach {
@@ -700,6 +757,48 @@ fn port(paths: &AgentPaths, a: PortArgs) -> u8 {
     }
 }
 
+fn fork_verb(paths: &AgentPaths, a: ForkArgs) -> u8 {
+    let opts = super::fork::ForkOptions {
+        name: a.name,
+        count: a.count,
+        prefix: a.prefix,
+        snapshot: a.snapshot,
+    };
+    let f = match super::fork::fork(paths, &opts, &mut |n| eprintln!("keystone: {n}")) {
+        Ok(f) => f,
+        Err(e) => return fail(&e),
+    };
+    for c in &f.children {
+        println!(
+            "sandbox {} is running (pid {}, cid {}, branch {}, ready in {:.1} s)",
+            c.sandbox.name,
+            c.sandbox
+                .vmm
+                .map(|p| p.pid.to_string())
+                .unwrap_or_else(|| "?".into()),
+            c.sandbox.cid,
+            c.branch,
+            c.ready.as_secs_f64()
+        );
+    }
+    for (name, e) in &f.failed {
+        eprintln!("keystone: error: fork {name}: {e}");
+    }
+    eprintln!(
+        "keystone: {} of {} children from snapshot {}{} in {:.1} s",
+        f.children.len(),
+        f.children.len() + f.failed.len(),
+        f.snapshot.tag,
+        if f.new_snapshot { " (taken now)" } else { "" },
+        f.elapsed.as_secs_f64()
+    );
+    if f.failed.is_empty() {
+        exit::OK
+    } else {
+        exit::FAILURE
+    }
+}
+
 fn snapshot_verb(paths: &AgentPaths, a: SnapshotArgs) -> u8 {
     if a.list {
         return match paths.registry().find(Some(&a.name)) {
@@ -725,7 +824,7 @@ fn snapshot_verb(paths: &AgentPaths, a: SnapshotArgs) -> u8 {
             Err(e) => fail(&e.into()),
         };
     }
-    match super::snapshot::take(paths, &a.name, a.tag.as_deref()) {
+    match super::snapshot::take(paths, &a.name, a.tag.as_deref(), false) {
         Ok(i) => {
             println!(
                 "sandbox {}: snapshot {} ({} MiB of memory stored, disk copied, paused {} ms)",
@@ -831,6 +930,7 @@ pub fn run(cmd: AgentCommand) -> u8 {
         },
         AgentCommand::Port(a) => port(&paths, a),
         AgentCommand::Snapshot(a) => snapshot_verb(&paths, a),
+        AgentCommand::Fork(a) => fork_verb(&paths, a),
         AgentCommand::Net(a) => net_verb(&paths, a),
         AgentCommand::Supervise(_) => exit::OK,
         AgentCommand::Capped(a) => {

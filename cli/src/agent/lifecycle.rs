@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::disk::{self, DiskError, DiskReport};
 use super::session;
+use super::snapshot;
 use super::state::{
     free_cid, now, sanitize_name, validate_name, vsock_socket_path, AgentPaths, ImageRef, Launch,
     Network, ProcessId, Registry, Sandbox, Status, SyncMode,
@@ -159,6 +160,8 @@ pub struct StartOptions {
     pub nested: bool,
     /// Make a new disk (stopping the sandbox first if it runs).
     pub fresh: bool,
+    /// Boot, even when a snapshot of the last run could be resumed.
+    pub cold: bool,
     /// `--network`.
     pub network: Option<NetworkChoice>,
     /// `--tap`.
@@ -178,6 +181,19 @@ pub struct Started {
     pub boot_time: Duration,
     /// The image's manifest says the guest runs sshd.
     pub ssh: bool,
+    /// Resumed from a snapshot instead of booting.
+    pub resumed: Option<Resumed>,
+    /// A line for a warning (the sandbox runs).
+    pub warning: Option<String>,
+}
+
+/// What a resuming `start` restored.
+#[derive(Clone, Debug)]
+pub struct Resumed {
+    /// The snapshot's tag.
+    pub tag: String,
+    /// Where the disk as it was at the stop is kept.
+    pub kept_disk: PathBuf,
 }
 
 /// The guest image to boot: `$KEYSTONE_GUEST_IMAGE` (a directory), else
@@ -211,7 +227,7 @@ pub fn ready_timeout() -> Result<Duration, AgentError> {
 }
 
 /// KVM usable at all (else exit 4).
-fn check_kvm(report: &HostReport) -> Result<(), AgentError> {
+pub(super) fn check_kvm(report: &HostReport) -> Result<(), AgentError> {
     match &report.kvm_usable {
         Ok(()) => Ok(()),
         Err(e) => Err(AgentError::NoKvm(format!(
@@ -221,7 +237,7 @@ fn check_kvm(report: &HostReport) -> Result<(), AgentError> {
 }
 
 /// KVM able to run this image (else exit 4).
-fn check_flavor(report: &HostReport, image: &Image) -> Result<(), AgentError> {
+pub(super) fn check_flavor(report: &HostReport, image: &Image) -> Result<(), AgentError> {
     if report.flavor == KvmFlavor::Hardware || image.manifest.pvm_capable {
         return Ok(());
     }
@@ -328,6 +344,7 @@ fn reserve(paths: &AgentPaths, plan: &Plan) -> Result<Reservation, AgentError> {
                     launch: None,
                     last_error: None,
                     ports: Vec::new(),
+                    forked_from: None,
                 });
                 list.last_mut()
                     .ok_or_else(|| AgentError::Internal("registry push".into()))?
@@ -433,21 +450,21 @@ fn check_start(opts: &StartOptions) -> Result<Checked, AgentError> {
 }
 
 /// A start in progress: whose it is, to record its failure.
-struct Starting<'a> {
-    reg: &'a Registry,
-    name: &'a str,
-    me: Option<ProcessId>,
+pub(super) struct Starting<'a> {
+    pub(super) reg: &'a Registry,
+    pub(super) name: &'a str,
+    pub(super) me: Option<ProcessId>,
 }
 
 impl Starting<'_> {
     /// Records the start failed and returns `e`.
-    fn failed(&self, e: AgentError) -> AgentError {
+    pub(super) fn failed(&self, e: AgentError) -> AgentError {
         mark_failed(self.reg, self.name, self.me, &e.to_string());
         e
     }
 
     /// Records the start failed with `reason` (an internal error).
-    fn internal(&self, reason: String) -> AgentError {
+    pub(super) fn internal(&self, reason: String) -> AgentError {
         mark_failed(self.reg, self.name, self.me, &reason);
         AgentError::Internal(reason)
     }
@@ -537,6 +554,7 @@ fn record_launch(
     sandbox: &mut Sandbox,
     image: &Image,
     vmm: PathBuf,
+    resume: Option<PathBuf>,
 ) -> Result<(), AgentError> {
     let key = if image.manifest.ssh {
         let key = session::authorized_key(sandbox)
@@ -548,12 +566,12 @@ fn record_launch(
     if let Err(why) = vmm_process::jail_available() {
         eprintln!("keystone: warning: the VMM runs without its jail (seccomp only): {why}");
     }
-    let args =
-        vmm_process::launch_args(sandbox, image, key.as_deref()).map_err(|e| st.failed(e))?;
+    let args = vmm_process::launch_args(sandbox, image, key.as_deref(), resume.as_deref())
+        .map_err(|e| st.failed(e))?;
     let staging = super::snapshot::staging_dir(sandbox);
     std::fs::create_dir_all(&staging)
         .map_err(|e| st.failed(AgentError::Snapshot(format!("{}: {e}", staging.display()))))?;
-    sandbox.launch = Some(Launch { vmm, args });
+    sandbox.launch = Some(Launch { vmm, args, resume });
     sandbox.image = Some(ImageRef {
         dir: image.dir.clone(),
         content_hash: image.manifest.content_hash.clone(),
@@ -572,7 +590,7 @@ fn record_launch(
 /// `start`, phase 5: waits for the supervisor to report the guest ready
 /// (or failed, or gone), up to `timeout` after `spawned`; returns the
 /// sandbox as it runs.
-fn wait_ready(
+pub(super) fn wait_ready(
     st: &Starting,
     child: &mut std::process::Child,
     sandbox: &Sandbox,
@@ -648,9 +666,29 @@ pub fn start(
         me,
     };
     let new_disk = prepare_files(&st, &sandbox, &c.project, opts.fresh, progress)?;
-    record_launch(&st, &mut sandbox, &c.image, c.vmm.clone())?;
+    let snapshot = if opts.cold || new_disk.is_some() {
+        None
+    } else {
+        let (snap, why) = snapshot::resumable(&sandbox, &c.image.manifest.content_hash);
+        if let Some(why) = why {
+            progress(&format!("{why}: booting"));
+        }
+        snap
+    };
+    let resumed = match &snapshot {
+        Some(info) => Some(Resumed {
+            tag: info.tag.clone(),
+            kept_disk: snapshot::restore_disk(&sandbox, info).map_err(|e| st.failed(e))?,
+        }),
+        None => None,
+    };
+    let resume_dir = resumed.as_ref().map(|r| snapshot::dir_of(&sandbox, &r.tag));
+    record_launch(&st, &mut sandbox, &c.image, c.vmm.clone(), resume_dir)?;
 
-    progress(&format!("booting sandbox {}", c.name));
+    progress(&match &resumed {
+        Some(r) => format!("resuming sandbox {} from snapshot {}", c.name, r.tag),
+        None => format!("booting sandbox {}", c.name),
+    });
     let spawned = Instant::now();
     let mut child = vmm_process::spawn_supervisor(paths, &sandbox).map_err(|reason| {
         mark_failed(&reg, &c.name, me, &reason);
@@ -665,17 +703,27 @@ pub fn start(
     if c.image.manifest.ssh && !session::open_master(&sandbox) {
         progress("no SSH master (each command will make its own connection)");
     }
+    let boot_time = spawned.elapsed();
+    // The clock and the RNG of a resumed guest are the snapshot's.
+    let warning = match &resumed {
+        Some(_) if c.image.manifest.ssh => session::after_restore(&sandbox, &Default::default())
+            .err()
+            .map(|e| e.to_string()),
+        _ => None,
+    };
     Ok(Started {
         sandbox,
         new_disk,
-        boot_time: spawned.elapsed(),
+        boot_time,
         ssh: c.image.manifest.ssh,
+        resumed,
+        warning,
     })
 }
 
 /// Stops `s`: the guest's own poweroff first (SSH images, over the
 /// session), then its processes ([`vmm_process::stop_processes`]).
-fn stop_sandbox(reg: &Registry, s: &Sandbox) {
+pub(super) fn stop_sandbox(reg: &Registry, s: &Sandbox) {
     let vmm_alive = s.vmm.is_some_and(|p| p.is_alive());
     if s.image.as_ref().is_some_and(|i| i.ssh) && vmm_alive && session::request_poweroff(s) {
         if let Some(vmm) = s.vmm {

@@ -23,6 +23,7 @@
 pub mod cli;
 pub mod disk;
 pub mod egress;
+pub mod fork;
 pub mod lifecycle;
 pub mod logs;
 pub mod mux;

@@ -269,6 +269,60 @@ pub fn open_master(s: &Sandbox) -> bool {
     key_for(s).is_ok_and(|key| ssh::master(&target(s), &key).is_some())
 }
 
+/// What a restored guest is told besides the clock and the RNG seed.
+#[derive(Clone, Debug, Default)]
+pub struct Restored {
+    /// Its new hostname (a fork).
+    pub hostname: Option<String>,
+    /// Its NIC's new MAC (a fork with a network).
+    pub mac: Option<String>,
+    /// A branch to create and check out in /workspace (a fork).
+    pub branch: Option<String>,
+}
+
+/// The guest side of a restore (`after_restore.py`, as root): the host's
+/// clock, 64 bytes from the host's RNG credited and the guest's CRNG
+/// reseeded (no two restores of one snapshot share random state), then
+/// what `r` asks; the branch is made as the sandbox user.
+pub fn after_restore(s: &Sandbox, r: &Restored) -> Result<(), AgentError> {
+    use std::io::Read as _;
+    let fail = |e: String| AgentError::Snapshot(format!("after the restore of {}: {e}", s.name));
+    let key = key_for(s).map_err(|e| fail(e.to_string()))?;
+    let mut seed = [0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(|e| fail(format!("/dev/urandom: {e}")))?;
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let mut remote = format!(
+        "sudo -n python3 -c {} {clock:.6}",
+        ssh::shell_quote(include_str!("after_restore.py"))
+    );
+    for (k, v) in [("hostname", &r.hostname), ("mac", &r.mac)] {
+        if let Some(v) = v {
+            remote.push_str(&format!(" {}", ssh::shell_quote(&format!("{k}={v}"))));
+        }
+    }
+    if let Some(b) = &r.branch {
+        remote.push_str(&format!(
+            " && git -C /workspace switch -q -c {}",
+            ssh::shell_quote(b)
+        ));
+    }
+    let remote = format!("{{ {remote}; }} 2>&1");
+    let (st, out) = ssh::capture_with_input(&target(s), &key, &remote, &seed)
+        .map_err(|e| fail(e.to_string()))?;
+    if !st.success() {
+        return Err(fail(format!(
+            "the guest step exited {st}: {}",
+            ssh::sanitize(String::from_utf8_lossy(&out[..out.len().min(300)]).trim())
+                .replace('\n', "; ")
+        )));
+    }
+    Ok(())
+}
+
 /// Attaches the user's terminal to the running `s` (an interactive SSH
 /// session over vsock in /workspace) and returns when the session ends.
 pub fn attach(s: &Sandbox) -> Result<ExitStatus, SshError> {

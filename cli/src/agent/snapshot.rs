@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::state::{AgentPaths, Sandbox, Status};
+use super::state::{AgentPaths, Network, Sandbox, Status};
 use super::AgentError;
 
 /// What `meta.json` says of one snapshot.
@@ -38,6 +38,83 @@ pub struct SnapshotInfo {
     pub image_hash: Option<String>,
     /// How long the VM was paused (ms).
     pub paused_ms: u64,
+    /// vCPUs (0: not recorded).
+    #[serde(default)]
+    pub vcpus: u8,
+    /// The network it had (a restore needs the same devices).
+    #[serde(default)]
+    pub network: Option<Network>,
+    /// When the run it was taken in started (the sandbox's `started_at`
+    /// then): `start` resumes it only after that very run.
+    #[serde(default)]
+    pub run_started_at: Option<u64>,
+    /// Taken by `fork` (a fork point, never resumed by `start`).
+    #[serde(default)]
+    pub for_fork: bool,
+}
+
+impl SnapshotInfo {
+    /// Why sandbox `s` (its settings as it would start now, on the image
+    /// with content hash `image_hash`) cannot restore this snapshot;
+    /// `None` when it can.
+    pub fn mismatch(&self, s: &Sandbox, image_hash: &str) -> Option<String> {
+        if self.image_hash.as_deref() != Some(image_hash) {
+            return Some("it was taken on another guest image".into());
+        }
+        if self.memory_mib != s.memory_mib || self.vcpus != s.vcpus {
+            return Some(format!(
+                "it has {} MiB and {} vCPU(s), the sandbox now {} MiB and {}",
+                self.memory_mib, self.vcpus, s.memory_mib, s.vcpus
+            ));
+        }
+        if self.network.as_ref() != Some(&s.network) {
+            return Some("it was taken with another network".into());
+        }
+        None
+    }
+}
+
+/// The directory of snapshot `tag` of `s`.
+pub fn dir_of(s: &Sandbox, tag: &str) -> PathBuf {
+    snapshots_dir(s).join(tag)
+}
+
+/// The snapshot `start` resumes for `s` (settings as it starts now) on
+/// the image `image_hash`: the newest one taken during its latest run, if
+/// that one still fits ([`SnapshotInfo::mismatch`]); else `None`, and
+/// why not when there was a candidate.
+pub fn resumable(s: &Sandbox, image_hash: &str) -> (Option<SnapshotInfo>, Option<String>) {
+    let Some(newest) = list_of(s).pop() else {
+        return (None, None);
+    };
+    if s.started_at.is_none() || newest.run_started_at != s.started_at || newest.for_fork {
+        // Taken before a later boot (the disk has moved on since), or a
+        // fork point the user did not ask to come back to.
+        return (None, None);
+    }
+    match newest.mismatch(s, image_hash) {
+        Some(why) => (
+            None,
+            Some(format!("not resuming snapshot {}: {why}", newest.tag)),
+        ),
+        None => (Some(newest), None),
+    }
+}
+
+/// Puts the disk of snapshot `info` in place as `s`'s disk (a reflink or
+/// sparse copy, then a rename); the disk it replaces is kept as
+/// `disk.before-resume.ext4` (one, the latest). Returns that path.
+pub fn restore_disk(s: &Sandbox, info: &SnapshotInfo) -> Result<PathBuf, AgentError> {
+    let from = dir_of(s, &info.tag).join("disk.ext4");
+    let tmp = s.dir.join("disk.ext4.resume-tmp");
+    let _ = std::fs::remove_file(&tmp);
+    copy_disk(&from, &tmp)?;
+    let kept = s.dir.join("disk.before-resume.ext4");
+    if s.disk.exists() {
+        std::fs::rename(&s.disk, &kept).map_err(io(&kept))?;
+    }
+    std::fs::rename(&tmp, &s.disk).map_err(io(&s.disk))?;
+    Ok(kept)
 }
 
 /// `snapshots/` of a sandbox.
@@ -93,7 +170,7 @@ fn io(what: &Path) -> impl FnOnce(std::io::Error) -> AgentError + '_ {
 
 /// Copy `from` to `to` sharing blocks where the filesystem can
 /// (`cp --reflink=auto`), else a sparse copy.
-fn copy_disk(from: &Path, to: &Path) -> Result<(), AgentError> {
+pub fn copy_disk(from: &Path, to: &Path) -> Result<(), AgentError> {
     let out = std::process::Command::new("cp")
         .args(["--reflink=auto", "--sparse=always", "--"])
         .arg(from)
@@ -110,8 +187,13 @@ fn copy_disk(from: &Path, to: &Path) -> Result<(), AgentError> {
 }
 
 /// Take a snapshot of the running sandbox `name` (tag: `tag`, else the
-/// time); returns what was written.
-pub fn take(paths: &AgentPaths, name: &str, tag: Option<&str>) -> Result<SnapshotInfo, AgentError> {
+/// time; `for_fork`: by `fork`); returns what was written.
+pub fn take(
+    paths: &AgentPaths,
+    name: &str,
+    tag: Option<&str>,
+    for_fork: bool,
+) -> Result<SnapshotInfo, AgentError> {
     let s = paths
         .registry()
         .get(name)?
@@ -165,6 +247,10 @@ pub fn take(paths: &AgentPaths, name: &str, tag: Option<&str>) -> Result<Snapsho
         memory_stored: r["memory_bytes"].as_u64().unwrap_or(0),
         image_hash: s.image.as_ref().map(|i| i.content_hash.clone()),
         paused_ms,
+        vcpus: s.vcpus,
+        network: Some(s.network.clone()),
+        run_started_at: s.started_at,
+        for_fork,
     };
     let meta = serde_json::to_vec_pretty(&info).map_err(|e| AgentError::Internal(e.to_string()))?;
     super::state::write_atomic(&tmp.join("meta.json"), &meta)?;

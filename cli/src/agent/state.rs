@@ -454,6 +454,20 @@ pub struct Launch {
     pub vmm: PathBuf,
     /// Its arguments.
     pub args: Vec<String>,
+    /// The snapshot directory the VMM resumes (`--restore`) instead of
+    /// booting: the guest sends no readiness message then, it is ready
+    /// once the VMM's control API answers.
+    #[serde(default)]
+    pub resume: Option<PathBuf>,
+}
+
+/// Where a forked sandbox came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkOrigin {
+    /// The sandbox forked.
+    pub sandbox: String,
+    /// Its snapshot the fork restored.
+    pub snapshot: String,
 }
 
 /// One sandbox in `sandboxes.json`.
@@ -519,6 +533,9 @@ pub struct Sandbox {
     /// port`), opened again on every start.
     #[serde(default)]
     pub ports: Vec<PortForward>,
+    /// Made by `keystone agent fork` from this sandbox's snapshot.
+    #[serde(default)]
+    pub forked_from: Option<ForkOrigin>,
 }
 
 /// Which way a [`PortForward`] goes.
@@ -943,6 +960,11 @@ impl Registry {
                 project.display()
             ))),
             1 => Ok(mine.remove(0)),
+            // Forks of the project's sandbox are named, never implied.
+            _ if mine.iter().filter(|s| s.forked_from.is_none()).count() == 1 => mine
+                .into_iter()
+                .find(|s| s.forked_from.is_none())
+                .ok_or_else(|| LookupError::NoProjectSandbox("no sandbox".into())),
             _ => {
                 let names: Vec<&str> = mine.iter().map(|s| s.name.as_str()).collect();
                 Err(LookupError::NoProjectSandbox(format!(
@@ -1048,6 +1070,7 @@ mod tests {
             launch: None,
             last_error: None,
             ports: Vec::new(),
+            forked_from: None,
         }
     }
 

@@ -337,6 +337,23 @@ fn ready_listener(
     }
 }
 
+/// Sends [`Event::Ready`] once the restored VMM's control API at `sock`
+/// reports it running (polled; ends when the main loop is gone).
+fn resume_watch(sock: &Path, tx: &mpsc::Sender<Event>) {
+    loop {
+        let answer = keystone_vmm::api::request(sock, r#"{"op":"state"}"#, Duration::from_secs(5));
+        if matches!(&answer, Ok(v) if v["ok"] == true && v["state"] == "running") {
+            log("the restored VM runs");
+            let _ = tx.send(Event::Ready);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        if STOP.load(Ordering::Relaxed) {
+            return;
+        }
+    }
+}
+
 /// A reader that fails once `deadline` passed, so a guest trickling bytes
 /// cannot hold the listener beyond it.
 struct DeadlineReader<'a> {
@@ -481,6 +498,13 @@ pub fn supervise(paths: &AgentPaths, name: &str, hooks: GuestHooks) -> Result<()
     std::thread::spawn(move || ready_listener(ready, host_keys, need_keys, ready_tx));
     let notify_sandbox = sandbox.clone();
     std::thread::spawn(move || notify_listener(notify, notify_sandbox, hooks));
+    if let Some(dir) = &launch.resume {
+        // A restored guest was ready when it was saved: it is again once
+        // its VMM answers, running.
+        log(format_args!("resuming snapshot {}", dir.display()));
+        let (sock, resume_tx) = (sandbox.api_socket(), tx.clone());
+        std::thread::spawn(move || resume_watch(&sock, &resume_tx));
+    }
     drop(tx);
     if sandbox.network == Network::Policy {
         // The guest's only way out: the egress proxy on its vsock port.

@@ -62,13 +62,16 @@ pub fn authorized_key_param(public_key: &str) -> String {
     )
 }
 
-/// The keystone-vmm arguments for `s` booting `image`; `authorized_key`
-/// is the host user's public key (`<type> <base64> <comment>`) for images
-/// that run sshd.
+/// The keystone-vmm arguments for `s` booting `image` or, with `resume`,
+/// restoring that snapshot directory (same devices, in the same order, for
+/// this sandbox's disk, CID, sockets and MAC); `authorized_key` is the host
+/// user's public key (`<type> <base64> <comment>`) for images that run
+/// sshd.
 pub fn launch_args(
     s: &Sandbox,
     image: &Image,
     authorized_key: Option<&str>,
+    resume: Option<&Path>,
 ) -> Result<Vec<String>, AgentError> {
     let path = |p: &Path, what: &str| -> Result<String, AgentError> {
         let text = p.to_str().ok_or_else(|| {
@@ -81,28 +84,33 @@ pub fn launch_args(
         }
         Ok(text.to_string())
     };
-    let mut cmdline = guest_cmdline(&image.manifest.cmdline, &s.name, authorized_key);
-    if s.network == Network::Policy {
-        // The image's egress bridge: 127.0.0.1:3128 in the guest to host
-        // vsock port EGRESS_PORT, and the proxy variables naming it.
-        cmdline.push_str(&format!(" {EGRESS_PARAM}={}", super::egress::EGRESS_PORT));
-    }
-    let mut args = vec!["--kernel".to_string(), path(&image.kernel(), "kernel")?];
-    if let Some(initrd) = image.initrd() {
-        args.push("--initrd".into());
-        args.push(path(&initrd, "initrd")?);
+    let mut args = Vec::new();
+    if let Some(dir) = resume {
+        // The kernel, its command line and the CPUID come from the snapshot.
+        args.extend(["--restore".to_string(), path(dir, "snapshot")?]);
+    } else {
+        let mut cmdline = guest_cmdline(&image.manifest.cmdline, &s.name, authorized_key);
+        if s.network == Network::Policy {
+            // The image's egress bridge: 127.0.0.1:3128 in the guest to host
+            // vsock port EGRESS_PORT, and the proxy variables naming it.
+            cmdline.push_str(&format!(" {EGRESS_PARAM}={}", super::egress::EGRESS_PORT));
+        }
+        args.extend(["--kernel".to_string(), path(&image.kernel(), "kernel")?]);
+        if let Some(initrd) = image.initrd() {
+            args.push("--initrd".into());
+            args.push(path(&initrd, "initrd")?);
+        }
+        args.extend(["--cmdline".into(), cmdline]);
+        if !s.nested {
+            args.push("--no-nested".into());
+        }
     }
     args.extend([
-        "--cmdline".into(),
-        cmdline,
         "--memory".into(),
         s.memory_mib.to_string(),
         "--vcpus".into(),
         s.vcpus.to_string(),
     ]);
-    if !s.nested {
-        args.push("--no-nested".into());
-    }
     if let Some(rootfs) = image.rootfs() {
         args.push("--disk".into());
         args.push(format!("{},ro", path(&rootfs, "rootfs")?));

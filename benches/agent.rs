@@ -2,7 +2,11 @@
 //! first and warm `start --no-attach` to ready, `exec -- true` round trip
 //! and `sync` of 10 new commits, each through the sandbox's SSH master and
 //! on a fresh connection (`KEYSTONE_SSH_MASTER=off`) in the same run, and
-//! `stop`, beside the seed's targets. Needs
+//! `stop`, beside the seed's targets; then snapshot and restore: the
+//! snapshot's write time and size, a `start` resuming it to the first
+//! `exec` answered against the warm boot above (goal: at most 0.05×), and
+//! `fork` N = 1, 2, 4 (time per child, and the memory of the children's
+//! VMM processes against N × guest memory). Needs
 //! hardware KVM: on this project's PVM machines it runs in the nested
 //! real-KVM lane (`benches/lane/run`), where the CPU is software-emulated and
 //! absolute times are inflated.
@@ -39,6 +43,65 @@ fn timed_with(p: &Project, args: &[&str], fresh: bool) -> f64 {
         String::from_utf8_lossy(&out.stderr)
     );
     s
+}
+
+/// Kilobytes of RSS and PSS of process `pid` and its descendants
+/// (`/proc/PID/smaps_rollup`).
+fn tree_memory(pid: u64) -> (u64, u64) {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        rollup
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (mut rss, mut pss) = (field("Rss:"), field("Pss:"));
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+        let (r, p) = tree_memory(c);
+        rss += r;
+        pss += p;
+    }
+    (rss, pss)
+}
+
+/// One `fork` of `n` children: seconds per child, and the children's VMM
+/// memory (RSS, PSS, MiB) while they all run; then they are destroyed.
+fn fork_of(p: &Project, n: usize) -> (f64, f64, f64) {
+    let prefix = format!("f{n}");
+    let n_s = n.to_string();
+    let total = timed(
+        p,
+        &[
+            "agent",
+            "fork",
+            "bench",
+            &n_s,
+            "--prefix",
+            &prefix,
+            "--snapshot",
+            "s1",
+        ],
+    );
+    let (mut rss, mut pss) = (0, 0);
+    for k in 1..=n {
+        let name = format!("{prefix}-{k}");
+        let out = p.run(&["agent", "status", "--json", &name]);
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+        let (r, s) = tree_memory(st["pid"].as_u64().expect("a running child's pid"));
+        rss += r;
+        pss += s;
+    }
+    for k in 1..=n {
+        timed(
+            p,
+            &["agent", "destroy", "--force", &format!("{prefix}-{k}")],
+        );
+    }
+    (total / n as f64, rss as f64 / 1024.0, pss as f64 / 1024.0)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -86,6 +149,27 @@ fn main() {
     };
     let sync_fresh = sync_of_ten(true, "11");
     let sync = sync_of_ten(false, "21");
+
+    // Snapshot, then a start that resumes it (to the first exec answered).
+    let snap = timed(&p, &["agent", "snapshot", "bench", "--tag", "s1"]);
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            world
+                .root
+                .join("config/keystone/agent/sandboxes/bench/snapshots/s1/meta.json"),
+        )
+        .expect("snapshot meta.json"),
+    )
+    .expect("meta.json");
+    let stored_mib = meta["memory_stored"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+    let paused = meta["paused_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+    timed(&p, &["agent", "stop"]);
+    let resume_start = timed(&p, &start);
+    let resume_exec = timed(&p, &["agent", "exec", "--", "true"]);
+    let resume = resume_start + resume_exec;
+    let forks: Vec<(usize, (f64, f64, f64))> =
+        [1, 2, 4].iter().map(|&n| (n, fork_of(&p, n))).collect();
+
     let stop = timed(&p, &["agent", "stop"]);
     let (exec, exec_fresh) = (median(exec), median(exec_fresh));
 
@@ -112,4 +196,19 @@ fn main() {
     println!("| sync of 10 new commits, SSH master | {sync:.2} | < 5 |");
     println!("| sync of 10 new commits, fresh connections | {sync_fresh:.2} | |");
     println!("| stop (guest poweroff) | {stop:.2} | |");
+    println!("| snapshot (2048 MiB guest): whole command | {snap:.2} | |");
+    println!("| snapshot: VM paused (memory + disk copy) | {paused:.2} | |");
+    println!("| snapshot: guest memory stored, MiB | {stored_mib:.0} | |");
+    println!("| start resuming the snapshot, to the first exec answered | {resume:.2} | |");
+    println!(
+        "| resume / warm start ratio | {:.3} | <= 0.05 |",
+        resume / warm
+    );
+    for (n, (per_child, rss, pss)) in &forks {
+        println!("| fork {n}: seconds per child | {per_child:.2} | |");
+        println!(
+            "| fork {n}: children's VMM RSS / PSS, MiB (N x guest: {}) | {rss:.0} / {pss:.0} | |",
+            n * 2048
+        );
+    }
 }

@@ -415,7 +415,11 @@ fn agent_sandbox_over_ssh_and_git() {
     );
 
     // snapshot: memory, CPU and device state with a consistent copy of
-    // the disk, the VM paused meanwhile and running on after.
+    // the disk, the VM paused meanwhile and running on after; a process
+    // counting in the background, to find again after the resume.
+    assert_eq!(code(&w.exec(COUNTER)), 0);
+    std::thread::sleep(Duration::from_secs(1));
+    let counted = counter(&w);
     let out = w.run(&["agent", "snapshot", "proj", "--tag", "t1"]);
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout(&out).contains("snapshot t1"), "{}", stdout(&out));
@@ -472,8 +476,11 @@ fn agent_sandbox_over_ssh_and_git() {
         "a master outlived its VM"
     );
 
-    // Second boot on the same disk, auto-commit sync: state persisted, and a
-    // guest commit arrives on the host without asking.
+    // Second start: snapshot t1 was taken in the last run, so it resumes
+    // (disk back to t1's copy), with auto-commit sync from now on: the
+    // counting process runs on, ssh answers with the pinned key, the files
+    // are there, the guest's clock is the host's; and a guest commit
+    // arrives on the host without asking.
     let t1 = Instant::now();
     let out = w.run(&[
         "agent",
@@ -483,12 +490,35 @@ fn agent_sandbox_over_ssh_and_git() {
         "auto-commit",
     ]);
     assert_eq!(code(&out), 0);
-    eprintln!("restart to ready: {:.1} s", t1.elapsed().as_secs_f64());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("resumed snapshot t1"), "{err}");
+    assert!(stdout(&out).contains("resumed in"), "{}", stdout(&out));
+    assert!(!err.contains("warning"), "{err}");
+    eprintln!(
+        "restart (resume) to ready: {:.1} s",
+        t1.elapsed().as_secs_f64()
+    );
+    let first = counter(&w);
+    assert!(first >= counted, "counter went back: {counted} -> {first}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(counter(&w) > first, "the counting process did not survive");
     assert_eq!(
         stdout(&w.exec("cat dirty.txt")),
         "wip\n",
         "workspace persisted"
     );
+    let guest_now: i64 = stdout(&w.exec("date +%s")).trim().parse().unwrap();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest_now - host_now).abs() < 20,
+        "guest clock {guest_now}, host {host_now}"
+    );
+    let proj_dir = world.root.join("config/keystone/agent/sandboxes/proj");
+    assert!(proj_dir.join("disk.before-resume.ext4").is_file());
+    // Resumed once: the next start boots (t1 predates this run).
     // The published port came back with the new master.
     assert_eq!(code(&w.exec(GUEST_SERVER)), 0, "guest server restarted");
     wait_until(
@@ -500,7 +530,83 @@ fn agent_sandbox_over_ssh_and_git() {
     wait_until("auto-commit sync", Duration::from_secs(120), || {
         w.head_subject() == "guest five"
     });
+
+    // fork 3 of the running sandbox: one new snapshot, three sandboxes
+    // side by side, each with its hostname, its branch, its randomness,
+    // the parent's processes, and a commit of its own synced into its refs.
+    let t2 = Instant::now();
+    let out = w.run(&["agent", "fork", "proj", "3"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(code(&out), 0, "{err}");
+    eprintln!("fork 3: {:.1} s\n{err}", t2.elapsed().as_secs_f64());
+    let children: Vec<agent::Project> = (1..=3)
+        .map(|k| agent::Project {
+            dir: w.dir.clone(),
+            name: format!("proj-fork-{k}"),
+            env: w.env.clone(),
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for c in &children {
+        assert!(
+            stdout(&out).contains(&format!("sandbox {} is running", c.name)),
+            "{}",
+            stdout(&out)
+        );
+        let got = stdout(&c.exec(
+            "hostname; git rev-parse --abbrev-ref HEAD; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'; echo; cat /tmp/counter",
+        ));
+        let lines: Vec<&str> = got.lines().collect();
+        assert_eq!(lines.len(), 4, "{got}");
+        assert_eq!(lines[0], c.name, "hostname");
+        assert_eq!(lines[1], format!("keystone/{}", c.name), "branch");
+        assert!(seen.insert(lines[2].to_string()), "shared RNG output {got}");
+        assert!(
+            lines[3].parse::<u64>().unwrap() > first,
+            "counter in {}",
+            c.name
+        );
+        let st = c.status();
+        assert_eq!(st["forked_from"]["sandbox"], "proj", "{st}");
+        assert_eq!(st["status"], "running", "{st}");
+        c.guest_commit(&format!("from {}", c.name));
+    }
+    let cids: std::collections::HashSet<_> = children
+        .iter()
+        .map(|c| c.status()["cid"].as_u64().unwrap())
+        .chain([w.status()["cid"].as_u64().unwrap()])
+        .collect();
+    assert_eq!(cids.len(), 4, "every sandbox its own CID");
+    for c in &children {
+        let out = w.run(&["agent", "sync", &c.name]);
+        assert!(matches!(code(&out), 0 | 2), "sync {}: {out:?}", c.name);
+        let r = format!("refs/keystone/{0}/keystone/{0}", c.name);
+        wait_until(
+            "the child's commit in its refs",
+            Duration::from_secs(60),
+            || w.git(&["log", "-1", "--format=%s", &r]) == format!("from {}", c.name),
+        );
+    }
+    assert_eq!(w.head_subject(), "guest five", "children leave main alone");
+    let list = stdout(&w.run(&["agent", "list"]));
+    assert!(list.contains("proj@fork-"), "{list}");
+    for c in &children {
+        assert_eq!(code(&w.run(&["agent", "stop", &c.name])), 0);
+    }
     assert_eq!(code(&w.run(&["agent", "stop"])), 0);
+}
+
+/// A process in the guest writing a count to /tmp/counter five times a
+/// second, in the background.
+const COUNTER: &str = "setsid -f sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done' </dev/null >/dev/null 2>&1";
+
+/// What the guest's counter says now.
+fn counter(w: &agent::Project) -> u64 {
+    let out = w.exec("cat /tmp/counter");
+    stdout(&out)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{out:?}"))
 }
 
 /// A guest server on 127.0.0.1:8000 answering each connection with one

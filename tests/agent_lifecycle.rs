@@ -884,3 +884,77 @@ fn supervisor_pins_host_keys_and_hears_commits() {
     let out = w.run(&["stop", "proj"]);
     assert_eq!(code(&out), 0, "{}", show(&out));
 }
+
+/// Snapshot, resume and fork with the probe guest: `start` after a
+/// snapshot of the last run resumes it (once), `fork` makes children with
+/// their own CID, socket and disk, named explicitly; bad forks are refused
+/// with their exit codes.
+#[test]
+fn snapshots_resume_and_fork() {
+    let w = World::new("fork");
+    let project = w.project("proj");
+    let out = w.run(&["fork", "nope", "2"]);
+    assert_eq!(code(&out), 1, "{}", show(&out));
+    assert_one_error_line(&out, "no sandbox named nope");
+    assert_eq!(code(&w.run(&["fork", "proj", "0"])), 2);
+
+    w.start(&project, &[]);
+    let out = w.run(&["snapshot", "proj", "--tag", "s1"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    assert_eq!(code(&w.run(&["stop", "proj"])), 0);
+    let out = w.start(&project, &[]);
+    assert!(show(&out).contains("resumed snapshot s1"), "{}", show(&out));
+    let st = w.status("proj");
+    assert_eq!(st["status"], "running", "{st}");
+    let dir = w.agent_root().join("sandboxes/proj");
+    assert!(dir.join("disk.before-resume.ext4").is_file());
+    let vmm_log = std::fs::read_to_string(dir.join("state/vmm.log")).unwrap();
+    assert!(vmm_log.contains("VM restored from"), "{vmm_log}");
+
+    let out = w.run(&["fork", "proj", "2"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    let list = w.list();
+    assert_eq!(list.len(), 3, "{list:?}");
+    let kids: Vec<&Value> = list.iter().filter(|s| s["name"] != "proj").collect();
+    let mut names: Vec<&str> = kids.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["proj-fork-1", "proj-fork-2"]);
+    for k in &kids {
+        assert_eq!(k["status"], "running", "{k}");
+        assert_eq!(k["forked_from"]["sandbox"], "proj", "{k}");
+        assert!(k["forked_from"]["snapshot"]
+            .as_str()
+            .unwrap()
+            .starts_with("fork-"));
+        assert!(running(k["pid"].as_u64().unwrap()));
+        assert!(Path::new(k["disk"].as_str().unwrap()).is_file());
+    }
+    let mut cids: Vec<u64> = list.iter().map(|s| s["cid"].as_u64().unwrap()).collect();
+    cids.sort();
+    cids.dedup();
+    assert_eq!(cids.len(), 3, "distinct CIDs");
+    // In the project, an unnamed verb means the parent.
+    let out = w
+        .cmd(&["status", "--json"])
+        .current_dir(&project)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["name"], "proj");
+    let out = w.run(&["fork", "proj", "1", "--snapshot", "nope"]);
+    assert_eq!(code(&out), 2, "{}", show(&out));
+
+    // The fork point is not resumed, and s1 was resumed already: boot.
+    assert_eq!(code(&w.run(&["stop", "proj"])), 0);
+    let out = w.start(&project, &[]);
+    assert!(!show(&out).contains("resumed"), "{}", show(&out));
+    // A stopped child without snapshots has nothing to fork.
+    assert_eq!(code(&w.run(&["stop", "proj-fork-1"])), 0);
+    let out = w.run(&["fork", "proj-fork-1", "1"]);
+    assert_eq!(code(&out), 1, "{}", show(&out));
+    assert_one_error_line(&out, "no snapshot");
+    for n in ["proj", "proj-fork-2"] {
+        assert_eq!(code(&w.run(&["stop", n])), 0);
+    }
+}

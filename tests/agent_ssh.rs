@@ -3,11 +3,13 @@
 //! project's PVM machines, in the nested real-KVM lane: `tests/lane/suites`).
 //! Real ssh, real sshd, real git in the guest: start, exec, attach/ssh, sync
 //! (every outcome), artifacts, ssh-config, host-key pinning, destroy's guard,
-//! ports both ways (publish, reach, removed, restored on restart), stop,
-//! restart with persistence, auto-commit sync.
+//! ports both ways (publish, reach, removed, restored on restart),
+//! snapshot, stop, the restart resuming the snapshot (processes, files,
+//! clock), auto-commit sync, fork 3 (hostnames, branches, randomness,
+//! refs).
 //!
-//! One sandbox, booted twice, walks through every case in order (boots are
-//! slow in the nested lane).
+//! One sandbox, booted once and resumed once, walks through every case in
+//! order (boots are slow in the nested lane), then three forks of it.
 
 #[path = "common/agent.rs"]
 mod agent;

@@ -24,8 +24,7 @@ use super::lifecycle::{self, Starting};
 use super::session::{self, Restored};
 use super::snapshot::{self, SnapshotInfo};
 use super::state::{
-    free_cid, now, validate_name, vsock_socket_path, AgentPaths, ForkOrigin, Launch, Network,
-    ProcessId, Sandbox, Status,
+    free_cid, validate_name, AgentPaths, ForkOrigin, Launch, Network, ProcessId, Sandbox, Status,
 };
 use super::{vmm_process, AgentError};
 use crate::doctor::HostReport;
@@ -159,34 +158,16 @@ fn reserve(
                     dir.display()
                 )));
             }
-            let state_dir = dir.join("state");
-            let child = Sandbox {
-                name: name.clone(),
-                project_path: parent.project_path.clone(),
-                disk: dir.join("disk.ext4"),
-                vsock_uds: vsock_socket_path(&state_dir, &name)?,
-                state_dir,
-                dir,
-                cid: free_cid(list),
-                memory_mib: parent.memory_mib,
-                vcpus: parent.vcpus,
-                nested: parent.nested,
-                network: parent.network.clone(),
-                sync_mode: parent.sync_mode,
-                status: Status::Starting,
-                starter: me,
-                supervisor: None,
-                vmm: None,
-                created_at: now(),
-                started_at: None,
-                ready_at: None,
-                stopped_at: None,
-                image: parent.image.clone(),
-                launch: None,
-                last_error: None,
-                ports: Vec::new(),
-                forked_from: Some(origin.clone()),
-            };
+            let mut child = Sandbox::new(&name, &parent.project_path, dir, free_cid(list))?;
+            child.memory_mib = parent.memory_mib;
+            child.vcpus = parent.vcpus;
+            child.nested = parent.nested;
+            child.network = parent.network.clone();
+            child.sync_mode = parent.sync_mode;
+            child.status = Status::Starting;
+            child.starter = me;
+            child.image = parent.image.clone();
+            child.forked_from = Some(origin.clone());
             list.push(child.clone());
             made.push(child);
         }

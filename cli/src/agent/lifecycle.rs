@@ -16,7 +16,7 @@ use super::disk::{self, DiskError, DiskReport};
 use super::session;
 use super::snapshot;
 use super::state::{
-    free_cid, now, sanitize_name, validate_name, vsock_socket_path, AgentPaths, ImageRef, Launch,
+    free_cid, sanitize_name, validate_name, vsock_socket_path, AgentPaths, ImageRef, Launch,
     Network, ProcessId, Registry, Sandbox, Status, SyncMode,
 };
 use super::vmm_process::{self, STOP_GRACE};
@@ -318,34 +318,7 @@ fn reserve(paths: &AgentPaths, plan: &Plan) -> Result<Reservation, AgentError> {
             }
             None => {
                 let dir = paths.sandbox_dir(plan.name);
-                let state_dir = dir.join("state");
-                list.push(Sandbox {
-                    name: plan.name.to_string(),
-                    project_path: plan.project.to_path_buf(),
-                    disk: dir.join("disk.ext4"),
-                    vsock_uds: vsock_socket_path(&state_dir, plan.name)?,
-                    state_dir,
-                    dir,
-                    cid,
-                    memory_mib: DEFAULT_MEMORY_MIB,
-                    vcpus: DEFAULT_VCPUS,
-                    nested: false,
-                    network: Network::User,
-                    sync_mode: SyncMode::Manual,
-                    status: Status::Stopped,
-                    starter: None,
-                    supervisor: None,
-                    vmm: None,
-                    created_at: now(),
-                    started_at: None,
-                    ready_at: None,
-                    stopped_at: None,
-                    image: None,
-                    launch: None,
-                    last_error: None,
-                    ports: Vec::new(),
-                    forked_from: None,
-                });
+                list.push(Sandbox::new(plan.name, plan.project, dir, cid)?);
                 list.last_mut()
                     .ok_or_else(|| AgentError::Internal("registry push".into()))?
             }

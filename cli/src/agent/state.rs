@@ -599,6 +599,40 @@ impl std::fmt::Display for PortForward {
 }
 
 impl Sandbox {
+    /// A sandbox never started: `name` of `project`, its files under `dir`
+    /// (`sandboxes/<name>`), vsock CID `cid`, the default memory and vCPUs,
+    /// user networking, manual sync, stopped.
+    pub fn new(name: &str, project: &Path, dir: PathBuf, cid: u32) -> Result<Sandbox, StateError> {
+        let state_dir = dir.join("state");
+        Ok(Sandbox {
+            name: name.to_string(),
+            project_path: project.to_path_buf(),
+            disk: dir.join("disk.ext4"),
+            vsock_uds: vsock_socket_path(&state_dir, name)?,
+            state_dir,
+            dir,
+            cid,
+            memory_mib: super::lifecycle::DEFAULT_MEMORY_MIB,
+            vcpus: super::lifecycle::DEFAULT_VCPUS,
+            nested: false,
+            network: Network::User,
+            sync_mode: SyncMode::Manual,
+            status: Status::Stopped,
+            starter: None,
+            supervisor: None,
+            vmm: None,
+            created_at: now(),
+            started_at: None,
+            ready_at: None,
+            stopped_at: None,
+            image: None,
+            launch: None,
+            last_error: None,
+            ports: Vec::new(),
+            forked_from: None,
+        })
+    }
+
     /// What is true now, whatever was recorded: `running`/`starting` only
     /// while the recorded VMM (or, before it exists, the recorded starter
     /// or supervisor) is alive; a VMM killed with -9 shows `stopped`.

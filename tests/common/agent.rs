@@ -127,37 +127,52 @@ impl Project {
         self.git(&["log", "-1", "--format=%s"])
     }
 
-    /// After a failure, copy the sandbox's logs (console, VMM, supervisor)
-    /// to `$KEYSTONE_TEST_LOGS/<name>/` (the lane suites set it: the lane's
-    /// tmpfs is gone once it ends), else print where they are.
+    /// After a failure, copy the logs (console, VMM, supervisor, mux) of
+    /// this sandbox and of any other in the world (a fork's children) to
+    /// `$KEYSTONE_TEST_LOGS/<name>/` (the lane suites set it: the lane's
+    /// tmpfs is gone once it ends), else print where they are. The end of
+    /// each host-side log goes to stderr, where a CI run's tail shows it:
+    /// this sandbox's in full, the others' VMM log.
     pub fn keep_logs(&self) {
         let Some(config) = self.env.iter().find(|(k, _)| *k == "XDG_CONFIG_HOME") else {
             return;
         };
-        let state = Path::new(&config.1)
-            .join("keystone/agent/sandboxes")
-            .join(&self.name)
-            .join("state");
-        // The end of each host-side log, where a CI run's tail shows it.
+        let sandboxes = Path::new(&config.1).join("keystone/agent/sandboxes");
+        let mut others: Vec<String> = std::fs::read_dir(&sandboxes)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| *n != self.name)
+            .collect();
+        others.sort();
         let logs = ["console.log", "vmm.log", "supervisor.log", "mux.log"];
-        for f in &logs[1..] {
-            let text = std::fs::read_to_string(state.join(f)).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!("--- sandbox {} {f} (last 15 lines)", self.name);
-            for l in &lines[lines.len().saturating_sub(15)..] {
-                eprintln!("{l}");
+        for name in std::iter::once(&self.name).chain(&others) {
+            let state = sandboxes.join(name).join("state");
+            let shown: &[&str] = if *name == self.name {
+                &logs[1..]
+            } else {
+                &logs[1..2]
+            };
+            for f in shown {
+                let text = std::fs::read_to_string(state.join(f)).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("--- sandbox {name} {f} (last 15 lines)");
+                for l in &lines[lines.len().saturating_sub(15)..] {
+                    eprintln!("{l}");
+                }
             }
+            let Some(dest) = std::env::var_os("KEYSTONE_TEST_LOGS") else {
+                eprintln!("sandbox {name} logs: {}", state.display());
+                continue;
+            };
+            let dest = Path::new(&dest).join(name);
+            let _ = std::fs::create_dir_all(&dest);
+            for f in logs {
+                let _ = std::fs::copy(state.join(f), dest.join(f));
+            }
+            eprintln!("sandbox {name} logs kept in {}", dest.display());
         }
-        let Some(dest) = std::env::var_os("KEYSTONE_TEST_LOGS") else {
-            eprintln!("sandbox {} logs: {}", self.name, state.display());
-            return;
-        };
-        let dest = Path::new(&dest).join(&self.name);
-        let _ = std::fs::create_dir_all(&dest);
-        for f in logs {
-            let _ = std::fs::copy(state.join(f), dest.join(f));
-        }
-        eprintln!("sandbox {} logs kept in {}", self.name, dest.display());
     }
 
     /// `keystone agent status --json <name>`.

@@ -420,12 +420,17 @@ fn proxy(paths: &AgentPaths, a: ProxyArgs) -> u8 {
 
 fn fail(e: &AgentError) -> u8 {
     eprintln!("keystone: error: {e}");
+    print_console(e);
+    e.exit_code()
+}
+
+/// The console and VMM log tails a boot failure carries, to stderr.
+fn print_console(e: &AgentError) {
     if let AgentError::Boot { console, .. } = e {
         if !console.is_empty() {
             eprint!("{console}");
         }
     }
-    e.exit_code()
 }
 
 /// One sandbox as JSON: the registry entry with the observed status, plus
@@ -783,6 +788,7 @@ fn fork_verb(paths: &AgentPaths, a: ForkArgs) -> u8 {
     }
     for (name, e) in &f.failed {
         eprintln!("keystone: error: fork {name}: {e}");
+        print_console(e);
     }
     eprintln!(
         "keystone: {} of {} children from snapshot {}{} in {:.1} s",

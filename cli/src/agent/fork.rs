@@ -340,18 +340,7 @@ mod tests {
 
     #[test]
     fn children_count_on_from_the_highest() {
-        let named = |n: &str| {
-            let mut s: Sandbox = serde_json::from_value(serde_json::json!({
-                "name": n, "project_path": "/p", "dir": "/d", "disk": "/d/disk",
-                "state_dir": "/d/state", "vsock_uds": "/d/v", "cid": 3,
-                "memory_mib": 2048, "vcpus": 1, "nested": false,
-                "network": {"mode": "none"}, "sync_mode": "manual",
-                "status": "stopped", "created_at": 0
-            }))
-            .unwrap();
-            s.name = n.into();
-            s
-        };
+        let named = |n: &str| Sandbox::new(n, Path::new("/p"), "/d".into(), 3).unwrap();
         assert_eq!(next_index(&[], "p-fork"), 1);
         let list = [
             named("p"),

@@ -1079,33 +1079,7 @@ mod tests {
     }
 
     fn sandbox(name: &str, cid: u32) -> Sandbox {
-        Sandbox {
-            name: name.into(),
-            project_path: "/p".into(),
-            dir: "/d".into(),
-            disk: "/d/disk.ext4".into(),
-            state_dir: "/d/state".into(),
-            vsock_uds: "/d/state/vsock".into(),
-            cid,
-            memory_mib: 2048,
-            vcpus: 1,
-            nested: true,
-            network: Network::None,
-            sync_mode: SyncMode::Manual,
-            status: Status::Stopped,
-            starter: None,
-            supervisor: None,
-            vmm: None,
-            created_at: 0,
-            started_at: None,
-            ready_at: None,
-            stopped_at: None,
-            image: None,
-            launch: None,
-            last_error: None,
-            ports: Vec::new(),
-            forked_from: None,
-        }
+        Sandbox::new(name, Path::new("/p"), "/d".into(), cid).unwrap()
     }
 
     #[test]
